@@ -1,0 +1,253 @@
+"""Stage workers as local processes, and the calls that wire them: the data plane's harness.
+
+``ControlClient`` speaks a worker's control API; ``connect`` opens the world between two
+workers (host first, then join, as ``worlds.manager`` explains). ``LocalPipeline`` starts
+worker processes (ports chosen by the OS), wires every pair of neighbouring stages, and can
+kill, freeze, add and drain workers: what the demo, the tests and the benchmarks drive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+READY_PREFIX = "WORLDMESH_READY "
+
+
+class ControlError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"control API answered {status}: {message}")
+        self.status = status
+
+
+class ControlClient:
+    def __init__(self, session: aiohttp.ClientSession, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self._session = session
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    async def call(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
+        async with self._session.request(
+            method,
+            self.url + path,
+            json=body,
+            headers=self._headers,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
+            data = await response.json(content_type=None)
+            if response.status >= 400:
+                raise ControlError(response.status, data.get("error", "") if data else "")
+            return data
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call("GET", "/v1/status")
+
+    async def worlds(self) -> list[dict[str, Any]]:
+        return (await self.call("GET", "/v1/worlds"))["worlds"]
+
+    async def open_world(self, **body: Any) -> dict[str, Any]:
+        return await self.call("POST", "/v1/worlds", body)
+
+    async def close_world(self, name: str) -> None:
+        await self.call("DELETE", f"/v1/worlds/{name}")
+
+    async def drain(self, wait: float = 0.0) -> dict[str, Any]:
+        return await self.call("POST", f"/v1/drain?wait={wait}", timeout=wait + 30)
+
+
+@dataclass
+class WorkerProcess:
+    worker: str
+    stage: int
+    process: subprocess.Popen[str]
+    http_port: int
+    control_port: int
+    control: ControlClient
+    log_path: Path
+    device: str = "cpu"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+async def connect(a: WorkerProcess, b: WorkerProcess, timeout: float = 15.0) -> str:
+    """Open the world between ``a`` and ``b`` (neighbouring stages); return its name."""
+    host, joiner = (a, b) if a.worker < b.worker else (b, a)
+    hosted = await host.control.open_world(
+        peer=joiner.worker, peerStage=joiner.stage, peerDevice=joiner.device
+    )
+    if hosted["state"] == "ready":
+        return hosted["name"]
+    await joiner.control.open_world(
+        peer=host.worker,
+        peerStage=host.stage,
+        peerDevice=host.device,
+        store=hosted["store"],
+        heartbeat=hosted["heartbeat"],
+    )
+    await wait_until(lambda: _world_state(host, hosted["name"]), timeout, f"world {hosted['name']}")
+    return hosted["name"]
+
+
+async def _world_state(worker: WorkerProcess, name: str) -> bool:
+    worlds = {w["name"]: w for w in await worker.control.worlds()}
+    state = worlds.get(name, {}).get("state")
+    if state == "broken":
+        raise ControlError(502, f"world {name} broke while opening: {worlds[name].get('reason')}")
+    return state == "ready"
+
+
+async def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.01) -> Any:
+    """Poll ``condition`` (sync or async) until truthy; TimeoutError naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:g} s")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class LocalPipeline:
+    """Worker processes for one deployment; use ``async with``. Logs go under ``workdir``."""
+
+    model: str
+    split_points: Sequence[int]
+    workers_per_stage: Sequence[int]
+    deployment: str = "demo"
+    batching: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
+    worlds: dict[str, Any] = field(default_factory=dict)
+    workdir: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    workers: list[WorkerProcess] = field(default_factory=list)
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+
+    async def __aenter__(self) -> LocalPipeline:
+        self._tmp = None
+        if self.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="worldmesh-")
+            self.workdir = Path(self._tmp.name)
+        self.session = aiohttp.ClientSession()
+        self._counter = 0
+        try:
+            started = await asyncio.gather(
+                *(
+                    self.start_worker(stage)
+                    for stage, count in enumerate(self.workers_per_stage)
+                    for _ in range(count)
+                )
+            )
+            for worker in started:
+                await self.wire(worker)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                _signal(worker, signal.SIGCONT)
+                worker.process.kill()
+        for worker in self.workers:
+            worker.process.wait(timeout=30)
+        await self.session.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def stage(self, index: int) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.stage == index and w.process.poll() is None]
+
+    @property
+    def front(self) -> WorkerProcess:
+        return self.stage(0)[0]
+
+    async def start_worker(self, stage: int) -> WorkerProcess:
+        """Start one worker process and wait for its READY line (its worlds are not open yet)."""
+        assert self.workdir is not None
+        self._counter += 1
+        name = f"{self.deployment}-s{stage}-w{self._counter}"
+        config = {
+            "deployment": self.deployment,
+            "worker": name,
+            "stage": stage,
+            "model": self.model,
+            "splitPoints": list(self.split_points),
+            "host": "127.0.0.1",
+            "ports": {"http": 0, "control": 0},
+            "batching": self.batching,
+            "limits": self.limits,
+            "worlds": self.worlds,
+        }
+        config_path = self.workdir / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        log_path = self.workdir / f"{name}.log"
+        env = {**os.environ, **self.env, "WORLDMESH_TOKEN": self.token}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worldmesh_worker", "--config", str(config_path)],
+            stdout=subprocess.PIPE,
+            stderr=log_path.open("w"),
+            text=True,
+            env=env,
+        )
+        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 120)  # type: ignore[union-attr]
+        if not line.startswith(READY_PREFIX):
+            process.kill()
+            raise RuntimeError(f"worker {name} did not start:\n{log_path.read_text()[-3000:]}")
+        ports = json.loads(line[len(READY_PREFIX) :])
+        control = ControlClient(self.session, f"http://127.0.0.1:{ports['control']}", self.token)
+        worker = WorkerProcess(
+            name, stage, process, ports["http"], ports["control"], control, log_path
+        )
+        self.workers.append(worker)
+        return worker
+
+    async def wire(self, worker: WorkerProcess) -> list[str]:
+        """Open the worlds between ``worker`` and every live worker of its neighbouring stages."""
+        peers = self.stage(worker.stage - 1) + self.stage(worker.stage + 1)
+        return list(await asyncio.gather(*(connect(worker, peer) for peer in peers)))
+
+    async def add_worker(self, stage: int) -> WorkerProcess:
+        worker = await self.start_worker(stage)
+        await self.wire(worker)
+        return worker
+
+    def kill(self, worker: WorkerProcess) -> None:
+        worker.process.kill()
+        worker.process.wait(timeout=30)
+
+    def freeze(self, worker: WorkerProcess) -> None:
+        _signal(worker, signal.SIGSTOP)
+
+    def thaw(self, worker: WorkerProcess) -> None:
+        _signal(worker, signal.SIGCONT)
+
+
+def _signal(worker: WorkerProcess, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(worker.pid, sig)

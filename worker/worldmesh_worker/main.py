@@ -1,0 +1,93 @@
+"""``worldmesh worker --config FILE``: run one stage worker until SIGTERM, then drain and exit.
+
+On start it prints one line ``WORLDMESH_READY {"http": PORT, "control": PORT}`` on stdout
+(ports may be 0 in the file: the line says which were bound), so a supervisor knows
+when the worker serves and where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+import torch
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from .config import ConfigError, WorkerConfig, load_config
+from .metrics import WorkerMetrics
+from .server import ControlApp, InferenceApp
+from .stage import Stage
+
+log = logging.getLogger("worldmesh.worker")
+DRAIN_TIMEOUT_S = 60.0
+
+
+async def serve(config: WorkerConfig) -> None:
+    from .models import load_model
+
+    torch.set_num_threads(config.threads)
+    model = load_model(config.model)
+    metrics = WorkerMetrics(CollectorRegistry(), config.deployment, config.stage, config.worker)
+    stage = Stage(config, model, metrics)
+    control = ControlApp(stage, config.token)
+    await stage.start()
+    runners = []
+    ports = {}
+    for key, app, port in (
+        ("http", InferenceApp(stage).app, config.http_port),
+        ("control", control.app, config.control_port),
+    ):
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, port, reuse_address=True)
+        await site.start()
+        runners.append(runner)
+        ports[key] = runner.addresses[0][1]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("WORLDMESH_READY " + json.dumps(ports), flush=True)
+    log.info(
+        "worker %s (stage %d) serving on %s %s", config.worker, config.stage, config.host, ports
+    )
+    try:
+        await stop.wait()
+        log.info("signal received: draining")
+        stage.drain()
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            while not stage.drained:
+                await asyncio.sleep(0.01)
+        log.info("drained")
+    except TimeoutError:
+        log.warning("drain did not finish within %g s; stopping anyway", DRAIN_TIMEOUT_S)
+    finally:
+        await stage.stop()
+        for runner in runners:
+            await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="worldmesh worker", description=__doc__)
+    parser.add_argument("--config", required=True, help="worker configuration (YAML or JSON)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+        if not config.token:
+            raise ConfigError("token: set WORLDMESH_TOKEN or tokenFile (the control API needs one)")
+    except ConfigError as exc:
+        print(f"worldmesh worker: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
+    return 0

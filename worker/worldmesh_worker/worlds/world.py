@@ -1,0 +1,301 @@
+"""One world: a 2-rank process group between two workers, and its heartbeat channel.
+
+Failure detection (why a broken peer is seen within a bound, never a group timeout):
+
+* **Dead peer (SIGKILL, crash, pod deleted).** The kernel closes the peer's sockets.
+  The heartbeat channel, a plain TCP connection owned by this world, reads EOF or a
+  reset at once, and a Gloo receive blocked on the peer fails with "connection
+  closed by peer" (about 13 ms here). Either marks the world broken: tens of ms.
+* **Frozen peer (SIGSTOP, a stuck host, a partition).** Its sockets stay open, so
+  nothing fails by itself, and a Gloo op would wait for the group timeout. Both ends
+  write one heartbeat byte every ``heartbeat_interval_s`` on the side channel; an end
+  that reads nothing for ``heartbeat_timeout_s`` (0.6 s by default) marks the world
+  broken. The heartbeat is an asyncio task, so it never waits behind a Gloo op.
+* **Breaking** aborts the process group (``Backend.abort()``), which wakes the
+  receiver thread and any blocked send at once, closes the heartbeat channel (so the
+  peer learns within ms too), and joins both threads: no thread or socket outlives
+  the world. Sends also carry their own deadline (``op_timeout_s``).
+
+Receives wait with an explicit, very long deadline instead of the group timeout: a
+world that is merely idle must not break, and the heartbeat already bounds how
+long a silent peer can go unnoticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .wire import HEADER_LEN, MalformedMessage, Message, decode, encode, parse_header
+
+log = logging.getLogger(__name__)
+
+DATA_TAG = 0
+_FOREVER = datetime.timedelta(days=7)
+HEARTBEAT = b"."
+GOODBYE = b"C"
+
+
+class WorldBroken(Exception):
+    """The world cannot carry messages any more; its in-flight work must go elsewhere."""
+
+    def __init__(self, world: str, reason: str) -> None:
+        super().__init__(f"world {world} is broken: {reason}")
+        self.world = world
+        self.reason = reason
+
+
+class WorldState(enum.StrEnum):
+    OPENING = "opening"
+    READY = "ready"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class WorldOptions:
+    """Bounds of every blocking step of a world (seconds, bytes)."""
+
+    open_timeout_s: float = 10.0  #: the pair must be connected within this
+    op_timeout_s: float = 30.0  #: deadline of one send
+    heartbeat_interval_s: float = 0.1
+    heartbeat_timeout_s: float = 0.6  #: silence that marks a frozen peer
+    max_message_bytes: int = 256 * 1024 * 1024  #: larger payloads break the world
+
+
+Handler = Callable[["World", Message], None]
+DownHandler = Callable[["World"], None]
+
+
+class World:
+    """A live 2-rank group: ``send`` queues a message, ``on_message`` gets the peer's,
+    ``on_down`` hears once when the world breaks or closes.
+
+    ``pg`` may be a group this world owns (the normal case) or a view on a shared
+    group (``owns_group=False``, used by the benchmark's shared-group baseline).
+    All methods but the threads' own run on the event loop that built the world.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        peer: str,
+        rank: int,
+        peer_rank: int,
+        pg: Any,
+        options: WorldOptions,
+        on_message: Handler,
+        on_down: DownHandler,
+        *,
+        heartbeat: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+        owns_group: bool = True,
+        device: torch.device | None = None,
+        keep_alive: Any = None,
+    ) -> None:
+        self.name = name
+        self.peer = peer
+        self.rank = rank
+        self.backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        self.state = WorldState.READY
+        self.reason = ""
+        self.opened_at = time.monotonic()
+        self.messages_sent = 0
+        self.messages_received = 0
+        self._peer_rank = peer_rank
+        self._pg = pg
+        self._owns_group = owns_group
+        self._device = device  # NCCL worlds move header and payload to this GPU
+        self._keep_alive = keep_alive  # the TCPStore: it must live as long as the group
+        self._options = options
+        self._on_message = on_message
+        self._on_down = on_down  # broken or closed: its in-flight work must move
+        self._loop = asyncio.get_running_loop()
+        self._outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._heartbeat = heartbeat
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._teardown_task: asyncio.Future[None] | None = None
+        self._receiver = threading.Thread(
+            target=self._receive_loop, name=f"recv:{name}", daemon=True
+        )
+        self._sender = threading.Thread(target=self._send_loop, name=f"send:{name}", daemon=True)
+        self._receiver.start()
+        self._sender.start()
+        if heartbeat is not None:
+            self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(*heartbeat))
+
+    # -- public, on the loop ------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        """Queue ``message`` for the peer; raise WorldBroken if the world is down."""
+        if self.state is not WorldState.READY:
+            raise WorldBroken(self.name, self.reason or self.state.value)
+        self._outbox.put(message)
+
+    async def close(self) -> None:
+        """Close on purpose: tell the peer goodbye (it does not count a failure), tear down."""
+        if self.state in (WorldState.BROKEN, WorldState.CLOSED):
+            return
+        self.state = WorldState.CLOSED
+        self.reason = "closed"
+        self._on_down(self)
+        if self._heartbeat is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self._heartbeat[1].write(GOODBYE)
+                await asyncio.wait_for(self._heartbeat[1].drain(), 0.2)
+        await self._teardown()
+
+    def break_(self, reason: str) -> None:
+        """Mark broken (idempotent): the router moves this world's work elsewhere."""
+        if self.state in (WorldState.BROKEN, WorldState.CLOSED):
+            return
+        self.state = WorldState.BROKEN
+        self.reason = reason
+        log.warning("world %s (peer %s) broken: %s", self.name, self.peer, reason)
+        self._on_down(self)
+        self._teardown_task = asyncio.ensure_future(self._teardown())
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "peer": self.peer,
+            "rank": self.rank,
+            "backend": self.backend,
+            "state": self.state.value,
+            "reason": self.reason,
+            "messages_sent": self.messages_sent,
+            "messages_received": self.messages_received,
+        }
+
+    # -- teardown ---------------------------------------------------------------------
+
+    async def _teardown(self) -> None:
+        self._outbox.put(None)
+        if self._owns_group:
+            with contextlib.suppress(RuntimeError):
+                self._pg.abort()  # wakes a receive or send blocked in Gloo/NCCL
+        if self._heartbeat_task is not None and self._heartbeat_task is not asyncio.current_task():
+            self._heartbeat_task.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat[1].close()
+        await asyncio.to_thread(self._join_threads)
+        if self._owns_group:
+            self._pg = None
+            self._keep_alive = None
+
+    def _join_threads(self) -> None:
+        for thread in (self._sender, self._receiver):
+            if thread is not threading.current_thread():
+                thread.join(timeout=self._options.op_timeout_s)
+                if thread.is_alive():
+                    log.error("world %s: thread %s did not stop", self.name, thread.name)
+
+    # -- threads ---------------------------------------------------------------------
+
+    def _report(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is exiting
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _send_loop(self) -> None:
+        deadline = datetime.timedelta(seconds=self._options.op_timeout_s)
+        while (message := self._outbox.get()) is not None:
+            try:
+                header, payload = encode(message)
+            except ValueError as exc:  # our own bug, not the peer's: drop loudly, keep the world
+                log.error("world %s: cannot encode a %s message: %s", self.name, message.kind, exc)
+                continue
+            try:
+                if self._device is not None:
+                    header = header.to(self._device)
+                    payload = payload.to(self._device)
+                self._pg.send([header], self._peer_rank, DATA_TAG).wait(deadline)
+                self._pg.send([payload], self._peer_rank, DATA_TAG).wait(deadline)
+            except (RuntimeError, AttributeError) as exc:
+                self._report(self.break_, f"send failed: {_first_line(exc)}")
+                return
+            self.messages_sent += 1
+
+    def _receive_loop(self) -> None:
+        while True:
+            try:
+                header = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64))
+                if header is None:
+                    return
+                layout = parse_header(header, self._options.max_message_bytes)
+                payload = self._recv(torch.empty(layout.payload_nbytes, dtype=torch.uint8))
+                if payload is None:
+                    return
+                message = decode(layout, payload)
+            except MalformedMessage as exc:
+                log.error("world %s: malformed message from %s: %s", self.name, self.peer, exc)
+                self._report(self.break_, f"malformed message from {self.peer}: {exc}")
+                return
+            except (RuntimeError, AttributeError) as exc:
+                self._report(self.break_, f"receive failed: {_first_line(exc)}")
+                return
+            self.messages_received += 1
+            self._report(self._deliver, message)
+
+    def _recv(self, buffer: torch.Tensor) -> torch.Tensor | None:
+        pg = self._pg
+        if pg is None or self.state not in (WorldState.READY, WorldState.OPENING):
+            return None
+        if self._device is not None:
+            buffer = buffer.to(self._device)
+        pg.recv([buffer], self._peer_rank, DATA_TAG).wait(_FOREVER)
+        return buffer.cpu() if self._device is not None else buffer
+
+    def _deliver(self, message: Message) -> None:
+        if self.state is WorldState.READY:
+            self._on_message(self, message)
+
+    # -- heartbeat -----------------------------------------------------------------
+
+    async def _heartbeat_loop(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        beat = asyncio.create_task(self._beat(writer))
+        try:
+            while self.state is WorldState.READY:
+                try:
+                    data = await asyncio.wait_for(
+                        reader.read(64), self._options.heartbeat_timeout_s
+                    )
+                except TimeoutError:
+                    self.break_(
+                        f"no heartbeat from {self.peer} for {self._options.heartbeat_timeout_s:g} s "
+                        "(peer frozen or unreachable)"
+                    )
+                    return
+                except OSError as exc:
+                    self.break_(f"heartbeat channel failed: {exc}")
+                    return
+                if not data:
+                    self.break_(f"{self.peer} closed the heartbeat channel (process gone)")
+                    return
+                if GOODBYE in data:
+                    await self.close()
+                    return
+        finally:
+            beat.cancel()
+
+    async def _beat(self, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            while True:
+                writer.write(HEARTBEAT)
+                await asyncio.sleep(self._options.heartbeat_interval_s)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
