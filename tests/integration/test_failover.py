@@ -66,7 +66,7 @@ async def _broken_count(worker, n: int) -> dict[str, str] | None:
 @pytest.mark.parametrize("failure", ["kill", "stop"])
 async def test_middle_worker_failure_under_load_loses_nothing(failure):
     async with LocalPipeline("toy-slow", [1, 3], [1, 2, 1], env=SLOW) as pipeline:
-        victim, survivor = pipeline.stage(1)
+        victim = pipeline.stage(1)[0]
         async with ClosedLoop(url(pipeline), toy_request, 6) as load:
             await load.answered(30)
             await wait_until(lambda: rows_inside(victim), 10, "rows inside the victim")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as triton
+
 from worldmesh_worker.errors import (
     InvalidInput,
     ModelNotFound,

@@ -6,6 +6,7 @@ The file is YAML or JSON with camelCase keys (the CRD's spelling). Every error i
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +126,7 @@ def parse_config(raw: Any, env: dict[str, str] | os._Environ[str]) -> WorkerConf
             open_timeout_s=worlds.num("openTimeoutSeconds", default=10.0, lo=0.1),
             op_timeout_s=worlds.num("opTimeoutSeconds", default=30.0, lo=0.1),
             heartbeat_interval_s=worlds.num("heartbeatIntervalMs", default=100.0, lo=1.0) / 1e3,
-            heartbeat_timeout_s=worlds.num("heartbeatTimeoutMs", default=600.0, lo=10.0) / 1e3,
+            heartbeat_timeout_s=worlds.num("heartbeatTimeoutMs", default=800.0, lo=10.0) / 1e3,
             max_message_bytes=worlds.int("maxMessageBytes", default=256 << 20, lo=1024),
         ),
         token=token,
@@ -178,6 +179,8 @@ class _Reader:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{self._name(key)}: must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{self._name(key)}: must be a finite number, got {value}")
         if value < lo:
             raise ConfigError(f"{self._name(key)}: must be >= {lo:g}, got {value}")
         return float(value)

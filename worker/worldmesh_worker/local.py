@@ -164,6 +164,8 @@ class LocalPipeline:
             )
             for worker in started:
                 await self.wire(worker)
+            if self.stage(0):
+                await wait_until(self.ready, 60, "the front stage ready")
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -179,6 +181,11 @@ class LocalPipeline:
         await self.session.close()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+    async def ready(self) -> bool:
+        """The front's readiness probe: every stage has a live path (``/v2/health/ready``)."""
+        async with self.session.get(self.front.http_url + "/v2/health/ready") as response:
+            return response.status == 200
 
     def stage(self, index: int) -> list[WorkerProcess]:
         return [w for w in self.workers if w.stage == index and w.process.poll() is None]

@@ -62,7 +62,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response({"error": exc.reason}, status=exc.status, headers=exc.headers)
+        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
+        return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return web.json_response({"error": "internal error (logged by the worker)"}, status=500)
@@ -134,9 +135,14 @@ class InferenceApp:
                 )
             body = await request.read()
             model = self.stage.model
-            req = decode_infer_request(body, request.headers, model.inputs, model.outputs)
+            # JSON work holds the GIL: off the event loop, which keeps the worlds' heartbeats.
+            req = await asyncio.to_thread(
+                decode_infer_request, body, request.headers, model.inputs, model.outputs
+            )
             outputs = await self.stage.infer({i.name: i.data for i in req.inputs})
-            payload, headers = encode_infer_response(self.name, MODEL_VERSION, req, outputs)
+            payload, headers = await asyncio.to_thread(
+                encode_infer_response, self.name, MODEL_VERSION, req, outputs
+            )
             content_type = headers.pop("Content-Type", "application/json")
             code = 200
             return web.Response(body=payload, headers=headers, content_type=content_type)

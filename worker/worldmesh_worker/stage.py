@@ -117,7 +117,7 @@ class Stage:
             return False
         if self.router is not None and self.router.in_flight:
             return False
-        upstream = [name for name, role in self.roles.items() if role == UP]
+        upstream = [n for n, role in self.roles.items() if role == UP and n in self.manager.worlds]
         return all(self._acks.get(name, 0) >= self._drain_seq for name in upstream)
 
     def status(self) -> dict[str, Any]:
@@ -142,15 +142,21 @@ class Stage:
     async def open_world(self, peer: str, peer_stage: int, **kwargs: Any) -> dict[str, Any]:
         if peer_stage == self.config.stage + 1 and not self.config.is_last:
             role = DOWN
-        elif peer_stage == self.config.stage - 1:
+        elif peer_stage == self.config.stage - 1 and not self.config.is_front:
             role = UP
         else:
             raise ValueError(
                 f"peerStage: {peer_stage} is not a neighbour of stage {self.config.stage} "
                 f"(of {self.config.stages})"
             )
-        self.roles[world_name(self.config.worker, peer)] = role  # before its first message
-        return await self.manager.open(peer, **kwargs)
+        name = world_name(self.config.worker, peer)
+        self.roles[name] = role  # before its first message
+        try:
+            return await self.manager.open(peer, **kwargs)
+        except Exception:
+            if name not in self.manager.worlds:
+                self.roles.pop(name, None)
+            raise
 
     def _world_ready(self, world: World) -> None:
         self._count_worlds()
@@ -171,7 +177,9 @@ class Stage:
         role = self.roles.get(world.name)
         if role == DOWN and self.router is not None:
             self.router.world_down(world.name)
-        elif role == UP:
+        if self.manager.worlds.get(world.name) is None:
+            self.roles.pop(world.name, None)
+        if role == UP:
             self._acks.pop(world.name, None)
             for row in [r for r, (w, _) in self.origins.items() if w == world.name]:
                 del self.origins[row]

@@ -165,7 +165,17 @@ class WorldManager:
 
     async def _host(self, name: str, peer: str, backend: str) -> dict[str, Any]:
         timeout = datetime.timedelta(seconds=self.options.open_timeout_s)
-        store = dist.TCPStore(self.host, 0, 2, True, wait_for_workers=False, timeout=timeout)
+        # Even the host's own store may stall (its address lookup waits on DNS, 5 s seen
+        # here): never on the event loop, which must keep every other world's heartbeat.
+        store = await asyncio.wait_for(
+            in_own_thread(
+                lambda: dist.TCPStore(
+                    self.host, 0, 2, True, wait_for_workers=False, timeout=timeout
+                ),
+                f"store:{name}",
+            ),
+            self.options.open_timeout_s,
+        )
         loop = asyncio.get_running_loop()
         joined: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
             loop.create_future()

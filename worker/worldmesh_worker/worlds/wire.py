@@ -11,7 +11,8 @@ world's data tag, always in this order from one sender thread:
 
 2. the payload, ``payload_nbytes`` uint8: the ids (int64), the meta bytes, then
    each tensor's bytes; every section starts 8-byte aligned, so the receiver
-   views tensors in place without a copy.
+   views tensors in place without a copy. A message with nothing to carry
+   (KEEPALIVE, CLOSE) has no payload and is sent as its header alone.
 
 The receiver must size its payload buffer from the header, so a header that does
 not add up (bad magic or version, unknown dtype, negative or huge dimension, sizes
@@ -56,6 +57,8 @@ class MessageKind(enum.IntEnum):
     RESULT = 2  #: last-stage rows for the same request ids, travelling back upstream
     FAILED = 3  #: the request ids failed downstream for good (meta["error"] says why)
     CONTROL = 4  #: no rows: meta carries flow control ("accepting", "ack")
+    KEEPALIVE = 5  #: header only, sent when a direction is idle (see ``world``)
+    CLOSE = 6  #: header only, the sender closes the world on purpose; its last message
 
 
 class MalformedMessage(ValueError):
@@ -98,7 +101,7 @@ def encode(message: Message) -> tuple[torch.Tensor, torch.Tensor]:
             header[base + 2 : base + 2 + tensor.dim()] = torch.tensor(tensor.shape)
         layout.append((offset, tensor))
         offset = _aligned(offset + tensor.numel() * tensor.element_size())
-    total = max(offset, _ALIGN)  # Gloo refuses zero-byte sends
+    total = offset  # 0: a header-only message (Gloo refuses zero-byte sends: none is made)
     header[6] = total
     payload = torch.empty(total, dtype=torch.uint8)
     if message.request_ids:
@@ -167,7 +170,7 @@ def parse_header(header: torch.Tensor, max_payload_bytes: int) -> Layout:
             raise MalformedMessage(f"tensor {i}: shape {list(shape)} exceeds the payload limit")
         tensors.append((dtype, shape))
         offset = _aligned(offset + nbytes)
-    if max(offset, _ALIGN) != payload_nbytes:
+    if offset != payload_nbytes:
         raise MalformedMessage(
             f"payload size {payload_nbytes} does not match the {offset} bytes the header describes"
         )

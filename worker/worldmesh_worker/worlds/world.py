@@ -9,16 +9,18 @@ Failure detection (why a broken peer is seen within a bound, never a group timeo
 * **Frozen peer (SIGSTOP, a stuck host, a partition).** Its sockets stay open, so
   nothing fails by itself, and a Gloo op would wait for the group timeout. Both ends
   write one heartbeat byte every ``heartbeat_interval_s`` on the side channel; an end
-  that reads nothing for ``heartbeat_timeout_s`` (0.6 s by default) marks the world
+  that reads nothing for ``heartbeat_timeout_s`` (0.8 s by default) marks the world
   broken. The heartbeat is an asyncio task, so it never waits behind a Gloo op.
-* **Breaking** aborts the process group (``Backend.abort()``), which wakes the
-  receiver thread and any blocked send at once, closes the heartbeat channel (so the
-  peer learns within ms too), and joins both threads: no thread or socket outlives
-  the world. Sends also carry their own deadline (``op_timeout_s``).
 
-Receives wait with an explicit, very long deadline instead of the group timeout: a
-world that is merely idle must not break, and the heartbeat already bounds how
-long a silent peer can go unnoticed.
+Bounded threads. Each world has a sender and a receiver thread. ``Backend.abort()``
+does not wake a Gloo receive blocked in another thread, so the receiver never blocks
+without a deadline: every receive waits at most ``2 * heartbeat_timeout_s``, and a
+sender with nothing to send for ``heartbeat_interval_s`` sends a header-only
+KEEPALIVE, so a live world never hits that deadline (a frozen peer does, which also
+closes the Gloo pair and fails any send blocked on it). A world closed on purpose
+sends CLOSE as its last message; the peer answers with its own CLOSE, which ends
+both receivers at once. So every thread ends within a bound after a world goes
+down, and nothing outlives it.
 """
 
 from __future__ import annotations
@@ -37,12 +39,11 @@ from typing import Any
 
 import torch
 
-from .wire import HEADER_LEN, MalformedMessage, Message, decode, encode, parse_header
+from .wire import HEADER_LEN, MalformedMessage, Message, MessageKind, decode, encode, parse_header
 
 log = logging.getLogger(__name__)
 
 DATA_TAG = 0
-_FOREVER = datetime.timedelta(days=7)
 HEARTBEAT = b"."
 GOODBYE = b"C"
 
@@ -70,7 +71,7 @@ class WorldOptions:
     open_timeout_s: float = 10.0  #: the pair must be connected within this
     op_timeout_s: float = 30.0  #: deadline of one send
     heartbeat_interval_s: float = 0.1
-    heartbeat_timeout_s: float = 0.6  #: silence that marks a frozen peer
+    heartbeat_timeout_s: float = 0.8  #: silence that marks a frozen peer
     max_message_bytes: int = 256 * 1024 * 1024  #: larger payloads break the world
 
 
@@ -125,6 +126,7 @@ class World:
         self._heartbeat = heartbeat
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._teardown_task: asyncio.Future[None] | None = None
+        self._closing_task: asyncio.Future[None] | None = None
         self._receiver = threading.Thread(
             target=self._receive_loop, name=f"recv:{name}", daemon=True
         )
@@ -180,23 +182,25 @@ class World:
     # -- teardown ---------------------------------------------------------------------
 
     async def _teardown(self) -> None:
+        if self.state is WorldState.CLOSED:
+            self._outbox.put(Message(MessageKind.CLOSE, ()))  # ends the peer's receiver
         self._outbox.put(None)
-        if self._owns_group:
-            with contextlib.suppress(RuntimeError):
-                self._pg.abort()  # wakes a receive or send blocked in Gloo/NCCL
         if self._heartbeat_task is not None and self._heartbeat_task is not asyncio.current_task():
             self._heartbeat_task.cancel()
         if self._heartbeat is not None:
             self._heartbeat[1].close()
         await asyncio.to_thread(self._join_threads)
         if self._owns_group:
+            with contextlib.suppress(RuntimeError):
+                self._pg.abort()  # NCCL: frees the communicator; Gloo: closes what is left
             self._pg = None
             self._keep_alive = None
 
     def _join_threads(self) -> None:
+        bound = 2 * self._options.heartbeat_timeout_s + self._options.op_timeout_s
         for thread in (self._sender, self._receiver):
             if thread is not threading.current_thread():
-                thread.join(timeout=self._options.op_timeout_s)
+                thread.join(timeout=bound)
                 if thread.is_alive():
                     log.error("world %s: thread %s did not stop", self.name, thread.name)
 
@@ -208,7 +212,15 @@ class World:
 
     def _send_loop(self) -> None:
         deadline = datetime.timedelta(seconds=self._options.op_timeout_s)
-        while (message := self._outbox.get()) is not None:
+        idle = self._options.heartbeat_interval_s
+        keepalive = Message(MessageKind.KEEPALIVE, ())
+        while True:
+            try:
+                message = self._outbox.get(timeout=idle)
+            except queue.Empty:
+                message = keepalive
+            if message is None:
+                return
             try:
                 header, payload = encode(message)
             except ValueError as exc:  # our own bug, not the peer's: drop loudly, keep the world
@@ -219,41 +231,52 @@ class World:
                     header = header.to(self._device)
                     payload = payload.to(self._device)
                 self._pg.send([header], self._peer_rank, DATA_TAG).wait(deadline)
-                self._pg.send([payload], self._peer_rank, DATA_TAG).wait(deadline)
+                if payload.numel():
+                    self._pg.send([payload], self._peer_rank, DATA_TAG).wait(deadline)
             except (RuntimeError, AttributeError) as exc:
                 self._report(self.break_, f"send failed: {_first_line(exc)}")
                 return
-            self.messages_sent += 1
+            if message.kind is MessageKind.CLOSE:
+                return
+            if message is not keepalive:
+                self.messages_sent += 1
 
     def _receive_loop(self) -> None:
+        # Live peers send at least a KEEPALIVE every heartbeat interval: silence past this
+        # deadline means a frozen peer, or a world being torn down (see the module doc).
+        silence = datetime.timedelta(seconds=2 * self._options.heartbeat_timeout_s)
+        op = datetime.timedelta(seconds=self._options.op_timeout_s)
         while True:
             try:
-                header = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64))
-                if header is None:
-                    return
+                header = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64), silence)
                 layout = parse_header(header, self._options.max_message_bytes)
-                payload = self._recv(torch.empty(layout.payload_nbytes, dtype=torch.uint8))
-                if payload is None:
-                    return
+                payload = torch.empty(layout.payload_nbytes, dtype=torch.uint8)
+                if layout.payload_nbytes:
+                    payload = self._recv(payload, op)
                 message = decode(layout, payload)
             except MalformedMessage as exc:
                 log.error("world %s: malformed message from %s: %s", self.name, self.peer, exc)
                 self._report(self.break_, f"malformed message from {self.peer}: {exc}")
                 return
             except (RuntimeError, AttributeError) as exc:
-                self._report(self.break_, f"receive failed: {_first_line(exc)}")
+                if self.state is WorldState.READY:
+                    self._report(self.break_, f"receive failed: {_first_line(exc)}")
                 return
-            self.messages_received += 1
-            self._report(self._deliver, message)
+            if message.kind is MessageKind.CLOSE:
+                self._report(self._peer_closed)
+                return
+            if message.kind is not MessageKind.KEEPALIVE:
+                self.messages_received += 1
+                self._report(self._deliver, message)
 
-    def _recv(self, buffer: torch.Tensor) -> torch.Tensor | None:
-        pg = self._pg
-        if pg is None or self.state not in (WorldState.READY, WorldState.OPENING):
-            return None
+    def _recv(self, buffer: torch.Tensor, deadline: datetime.timedelta) -> torch.Tensor:
         if self._device is not None:
             buffer = buffer.to(self._device)
-        pg.recv([buffer], self._peer_rank, DATA_TAG).wait(_FOREVER)
+        self._pg.recv([buffer], self._peer_rank, DATA_TAG).wait(deadline)
         return buffer.cpu() if self._device is not None else buffer
+
+    def _peer_closed(self) -> None:
+        self._closing_task = asyncio.ensure_future(self.close())
 
     def _deliver(self, message: Message) -> None:
         if self.state is WorldState.READY:

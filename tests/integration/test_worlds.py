@@ -1,0 +1,122 @@
+"""Worlds between this test process and a real worker process.
+
+Covers:
+- 200 worlds opened, used and closed in a loop (closed from either end) leave the file
+  descriptor and thread counts of both processes flat;
+- a malformed or oversized message from a peer breaks that world only, with a clear reason
+  and log line: the worker lives on and its other worlds keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import torch
+
+from worldmesh_worker.loadgen import ClosedLoop, toy_request
+from worldmesh_worker.local import LocalPipeline, wait_until
+from worldmesh_worker.worlds import Message, MessageKind, WorldManager, WorldOptions
+from worldmesh_worker.worlds.wire import HEADER_LEN, MAGIC
+
+FAKE = "fake-s0"  # this process plays a stage-0 worker of the pipeline
+
+
+def counts(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+class Peer:
+    """A WorldManager in this process that records what it receives."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.down: list[str] = []
+        self.manager = WorldManager(
+            FAKE,
+            "127.0.0.1",
+            WorldOptions(),
+            self._receive,
+            lambda world: self.down.append(world.name),
+        )
+
+    def _receive(self, world, message: Message) -> None:
+        if message.kind is not MessageKind.CONTROL:  # flow control is the stage's business
+            self.inbox.put_nowait(message)
+
+    async def open(self, worker) -> str:
+        hosted = await worker.control.open_world(peer=FAKE, peerStage=0)
+        info = await self.manager.open(
+            worker.worker, store=hosted["store"], heartbeat=hosted["heartbeat"]
+        )
+        await wait_until(lambda: _state(worker, info["name"], "ready"), 10, "worker side ready")
+        return info["name"]
+
+
+async def _state(worker, name: str, state: str) -> dict | None:
+    for world in await worker.control.worlds():
+        if world["name"] == name and world["state"] == state:
+            return world
+    return None
+
+
+async def test_opening_and_closing_200_worlds_leaks_nothing():
+    async with LocalPipeline("toy", [2], [1, 1]) as pipeline:
+        worker = pipeline.stage(1)[0]
+        peer = Peer()
+        here = os.getpid()
+        rows = torch.ones(3, 32)
+        baseline = {}
+        for i in range(200):
+            name = await peer.open(worker)
+            world = peer.manager.worlds[name]
+            world.send(Message(MessageKind.BATCH, (i, i + 1, i + 2), (rows,)))
+            answer = await asyncio.wait_for(peer.inbox.get(), 10)
+            assert answer.kind is MessageKind.RESULT and answer.request_ids == (i, i + 1, i + 2)
+            if i % 2:
+                await peer.manager.close(name)
+            else:
+                await worker.control.close_world(name)
+            await wait_until(lambda n=name: n not in peer.manager.worlds, 10, "closed here")
+            await wait_until(lambda n=name: _gone(worker, n), 10, "closed there")
+            if i == 19:
+                await asyncio.sleep(0)  # counts once the first worlds' teardown has settled
+                baseline = {"here": counts(here), "worker": counts(worker.pid)}
+        after = {"here": counts(here), "worker": counts(worker.pid)}
+        for side in ("here", "worker"):
+            fds, threads = after[side]
+            assert fds <= baseline[side][0] + 2, (side, baseline, after)
+            assert threads <= baseline[side][1] + 1, (side, baseline, after)
+        assert all(w["state"] != "broken" for w in await worker.control.worlds())
+
+
+async def _gone(worker, name: str) -> bool:
+    return all(w["name"] != name or w["state"] != "ready" for w in await worker.control.worlds())
+
+
+@pytest.mark.parametrize("bad", ["garbage header", "oversized payload"])
+async def test_malformed_message_breaks_only_that_world(bad):
+    async with LocalPipeline("toy", [2], [1, 1], worlds={"maxMessageBytes": 65536}) as pipeline:
+        worker = pipeline.stage(1)[0]
+        peer = Peer()
+        name = await peer.open(worker)
+        world = peer.manager.worlds[name]
+        if bad == "garbage header":
+            header = torch.full((HEADER_LEN,), 7, dtype=torch.int64)
+            header[0] = MAGIC ^ 0xFF
+            world._pg.send([header], 0, 0).wait()  # what a confused peer could put on the wire
+            expected = "bad magic"
+        else:
+            world.send(Message(MessageKind.BATCH, (1,), (torch.ones(1, 32, 1024),)))
+            expected = "payload of"
+        broken = await wait_until(lambda: _state(worker, name, "broken"), 10, "world broken")
+        assert "malformed message from fake-s0" in broken["reason"] and expected in broken["reason"]
+        assert expected in worker.log_path.read_text()
+        assert worker.process.poll() is None
+        async with ClosedLoop(
+            f"{pipeline.front.http_url}/v2/models/demo/infer", toy_request, 2
+        ) as load:
+            await load.answered(10)
+        assert load.result.lost == 0, load.result.messages[:5]
+        await peer.manager.close_all()
