@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import common  # noqa: E402
-import pipeline_bench  # noqa: E402
-import worlds_bench  # noqa: E402
+import common
+import pipeline_bench
+import worlds_bench
 
 BENCHMARKS = {"worlds": worlds_bench.run, "pipeline": pipeline_bench.run}
 
