@@ -43,7 +43,8 @@ from .wire import HEADER_LEN, MalformedMessage, Message, MessageKind, decode, en
 
 log = logging.getLogger(__name__)
 
-DATA_TAG = 0
+HEADER_TAG = 0  # headers and payloads travel on tags of their own, so the receiver can
+PAYLOAD_TAG = 1  # post the next header's receive before this payload's: no rendezvous stall
 HEARTBEAT = b"."
 GOODBYE = b"C"
 
@@ -230,9 +231,11 @@ class World:
                 if self._device is not None:
                     header = header.to(self._device)
                     payload = payload.to(self._device)
-                self._pg.send([header], self._peer_rank, DATA_TAG).wait(deadline)
+                sends = [self._pg.send([header], self._peer_rank, HEADER_TAG)]
                 if payload.numel():
-                    self._pg.send([payload], self._peer_rank, DATA_TAG).wait(deadline)
+                    sends.append(self._pg.send([payload], self._peer_rank, PAYLOAD_TAG))
+                for work in sends:
+                    work.wait(deadline)
             except (RuntimeError, AttributeError) as exc:
                 self._report(self.break_, f"send failed: {_first_line(exc)}")
                 return
@@ -246,13 +249,16 @@ class World:
         # deadline means a frozen peer, or a world being torn down (see the module doc).
         silence = datetime.timedelta(seconds=2 * self._options.heartbeat_timeout_s)
         op = datetime.timedelta(seconds=self._options.op_timeout_s)
+        pending = self._post(torch.empty(HEADER_LEN, dtype=torch.int64), HEADER_TAG)
         while True:
             try:
-                header = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64), silence)
+                header = self._wait(pending, silence)
+                # The next header's receive is posted before this payload's (see the tags).
+                pending = self._post(torch.empty(HEADER_LEN, dtype=torch.int64), HEADER_TAG)
                 layout = parse_header(header, self._options.max_message_bytes)
                 payload = torch.empty(layout.payload_nbytes, dtype=torch.uint8)
                 if layout.payload_nbytes:
-                    payload = self._recv(payload, op)
+                    payload = self._wait(self._post(payload, PAYLOAD_TAG), op)
                 message = decode(layout, payload)
             except MalformedMessage as exc:
                 log.error("world %s: malformed message from %s: %s", self.name, self.peer, exc)
@@ -269,10 +275,14 @@ class World:
                 self.messages_received += 1
                 self._report(self._deliver, message)
 
-    def _recv(self, buffer: torch.Tensor, deadline: datetime.timedelta) -> torch.Tensor:
+    def _post(self, buffer: torch.Tensor, tag: int) -> tuple[Any, torch.Tensor]:
         if self._device is not None:
             buffer = buffer.to(self._device)
-        self._pg.recv([buffer], self._peer_rank, DATA_TAG).wait(deadline)
+        return self._pg.recv([buffer], self._peer_rank, tag), buffer
+
+    def _wait(self, posted: tuple[Any, torch.Tensor], deadline: datetime.timedelta) -> torch.Tensor:
+        work, buffer = posted
+        work.wait(deadline)
         return buffer.cpu() if self._device is not None else buffer
 
     def _peer_closed(self) -> None:
