@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Batching:
     max_batch_size: int = 8  #: rows per stage compute
-    max_queue_delay_s: float = 0.002  #: longest a row waits for a batch to fill
+    max_queue_delay_s: float = 0.002  #: longest a row waits at the front for a batch to fill
 
 
 @dataclass(frozen=True, slots=True)

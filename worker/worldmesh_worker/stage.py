@@ -53,7 +53,10 @@ class Stage:
         self.metrics = metrics
         self.device = torch.device(config.device)
         self.module = model.stage(list(config.split_points), config.stage).to(self.device).eval()
-        self.queue = BatchQueue(config.batching.max_batch_size, config.batching.max_queue_delay_s)
+        # Only the front waits for a batch to fill: later stages get rows already batched,
+        # and batch what arrived while they computed; a second wait would only add latency.
+        delay = config.batching.max_queue_delay_s if config.is_front else 0.0
+        self.queue = BatchQueue(config.batching.max_batch_size, delay)
         self.manager = WorldManager(
             config.worker,
             config.host,
