@@ -305,10 +305,12 @@ class WorldManager:
     # -- close, state ----------------------------------------------------------------
 
     async def close(self, name: str) -> bool:
-        """Close a world on purpose; False if there was none by that name."""
+        """Close a world on purpose, or forget the record of a broken one (the control plane
+        has seen it); False if there was neither by that name."""
+        recorded = self.failures.pop(name, None) is not None
         world = self.worlds.pop(name, None)
         if world is None:
-            return False
+            return recorded
         await world.close()
         return True
 

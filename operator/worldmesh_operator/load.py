@@ -1,0 +1,151 @@
+"""``worldmesh load <endpoint>``: a real Open Inference Protocol client sending real samples.
+
+Fashion-MNIST test images (UINT8 ``image``) or Rotten Tomatoes test sentences (BYTES
+``text``), chosen by ``--dataset``; closed loop with ``--concurrency`` clients, or open loop
+at ``--rate`` requests/s (Poisson arrivals), for ``--duration`` seconds. Prints a progress
+line and a summary: requests, errors by HTTP status, p50/p99 latency, throughput, and
+accuracy against the data set's labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+DATASETS = ("fashion-mnist", "rotten-tomatoes")
+
+
+@dataclass
+class Summary:
+    codes: Counter[int] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    correct: int = 0
+    answered: int = 0
+    seconds: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.codes.values())
+
+    def lines(self) -> list[str]:
+        lat = np.array(self.latencies or [0.0]) * 1e3
+        errors = {c: n for c, n in sorted(self.codes.items()) if c != 200}
+        accuracy = self.correct / self.answered if self.answered else 0.0
+        return [
+            f"requests {self.requests} in {self.seconds:.1f} s: {self.requests / max(self.seconds, 1e-9):.1f}/s",
+            f"errors by code: {errors or 'none'}",
+            f"latency p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms",
+            f"accuracy {self.correct}/{self.answered} = {accuracy:.1%} against the labels",
+        ]
+
+
+def samples(dataset: str) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Request input lists and labels of the data set's test split."""
+    from worldmesh_worker import data
+
+    if dataset == "fashion-mnist":
+        images, labels = data.fashion_mnist("test")
+        return [
+            [
+                {
+                    "name": "image",
+                    "datatype": "UINT8",
+                    "shape": [1, 28, 28],
+                    "data": image.ravel().tolist(),
+                }
+            ]
+            for image in images
+        ], labels
+    texts, labels = data.rotten_tomatoes("test")
+    return [
+        [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [t]}] for t in texts
+    ], labels
+
+
+async def drive(
+    endpoint: str,
+    dataset: str,
+    duration: float,
+    concurrency: int = 8,
+    rate: float | None = None,
+    progress: bool = True,
+) -> Summary:
+    inputs, labels = samples(dataset)
+    summary = Summary()
+    order = iter(range(10**9))
+    deadline = time.monotonic() + duration
+    start = time.monotonic()
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        i = next(order) % len(inputs)
+        body = {"id": str(i), "inputs": inputs[i], "outputs": [{"name": "label"}]}
+        t0 = time.perf_counter()
+        try:
+            async with session.post(endpoint, json=body) as response:
+                answer = await response.json(content_type=None)
+                summary.codes[response.status] += 1
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            summary.codes[0] += 1
+            return
+        if response.status == 200:
+            summary.latencies.append(time.perf_counter() - t0)
+            summary.answered += 1
+            summary.correct += int(answer["outputs"][0]["data"][0] == labels[i])
+
+    async def closed(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < deadline:
+            await one(session)
+
+    async def show() -> None:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            done = min(1.0, (time.monotonic() - start) / duration)
+            bar = "#" * int(done * 30)
+            print(
+                f"\r[{bar:<30}] {summary.requests} requests, "
+                f"{summary.requests - summary.codes[200]} errors",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        print(file=sys.stderr)
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        tasks = [asyncio.create_task(show())] if progress else []
+        if rate is None:
+            tasks += [asyncio.create_task(closed(session)) for _ in range(concurrency)]
+        else:
+            pending = set()
+            while time.monotonic() < deadline:
+                pending.add(asyncio.create_task(one(session)))
+                await asyncio.sleep(random.expovariate(rate))
+            tasks += list(pending)
+        await asyncio.gather(*tasks)
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "endpoint", help="the infer URL, e.g. http://127.0.0.1:8080/v2/models/fashion/infer"
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rate", type=float, help="open loop at this many requests/s")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds")
+
+
+async def main(args: argparse.Namespace) -> int:
+    summary = await drive(args.endpoint, args.dataset, args.duration, args.concurrency, args.rate)
+    print("\n".join(summary.lines()))
+    return 0 if summary.answered else 1

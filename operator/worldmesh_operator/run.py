@@ -1,0 +1,168 @@
+"""``worldmesh run <manifest>``: one deployment as local processes, reconciled until Ctrl-C.
+
+The loop is the operator's, with a local runtime: every ``interval`` it reads the manifest
+again if it changed (a bad edit is reported and the running spec kept), turns the spec into
+the desired workers per stage, observes the workers, plans with the reconciler and applies
+the actions. A live table shows stages, workers, worlds, requests/s, p50/p99 and queue
+depth. Ctrl-C (SIGINT) or SIGTERM marks the deployment deleted: every worker is drained,
+then stopped, and no process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from .reconciler import Desired, DesiredStage, Observed, WorkerState, plan, summarize
+from .runtime.local import LocalRuntime, config_digest
+from .spec import DeploymentSpec, SpecError, parse_spec
+from .status import StatusBoard
+
+
+def read_manifest(path: Path) -> DeploymentSpec:
+    """Parse the first ModelDeployment in ``path``; SpecError/OSError/YAMLError on failure."""
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    if not documents:
+        raise SpecError([])
+    return parse_spec(documents[0])
+
+
+def desired_of(spec: DeploymentSpec, wishes: dict[int, int], deleted: bool = False) -> Desired:
+    """Workers per stage: ``spec.replicas`` where it pins a stage, else the autoscaler's wish
+    (or ``min``), clamped to the stage's min..max."""
+    stages = []
+    for stage in spec.stages:
+        pinned = spec.pinned_replicas(stage.index)
+        wish = pinned if pinned is not None else wishes.get(stage.index, stage.min_replicas)
+        workers = max(stage.min_replicas, min(stage.max_replicas, wish))
+        stages.append(
+            DesiredStage(stage.index, workers, config_digest(spec.stage_config(stage.index)))
+        )
+    return Desired(spec.name, tuple(stages), deleted)
+
+
+class LocalDeployment:
+    """The control loop over a LocalRuntime; ``run()`` returns once everything has stopped."""
+
+    def __init__(
+        self,
+        manifest: Path,
+        workdir: Path,
+        *,
+        interval: float = 0.25,
+        env: dict[str, str] | None = None,
+        out: Callable[[str], None] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.spec = read_manifest(manifest)
+        self._mtime = manifest.stat().st_mtime
+        self.interval = interval
+        self.runtime = LocalRuntime(
+            self.spec.name, lambda i: self.spec.stage_config(i), workdir, env=env
+        )
+        self.wishes: dict[int, int] = {}
+        self.deleted = False
+        self.observed = Observed()
+        self.errors: list[str] = []
+        self.board = StatusBoard(out)
+        self._suffix = itertools.count(1)
+        self._stopped = asyncio.Event()
+
+    def new_id(self, stage: int) -> str:
+        return f"{self.spec.name}-s{stage}-{secrets.token_hex(2)}{next(self._suffix)}"
+
+    def delete(self) -> None:
+        self.deleted = True
+
+    def reload(self) -> None:
+        try:
+            mtime = self.manifest.stat().st_mtime
+            if mtime == self._mtime:
+                return
+            self._mtime = mtime
+            spec = read_manifest(self.manifest)
+        except (OSError, yaml.YAMLError, SpecError) as exc:
+            self.board.note(f"manifest not applied, keeping the running spec: {exc}")
+            return
+        if spec.name != self.spec.name:
+            self.board.note("manifest not applied: metadata.name cannot change while running")
+            return
+        if spec != self.spec:
+            self.board.note("manifest changed: applying it")
+            self.spec = spec
+
+    async def step(self) -> list[str]:
+        desired = desired_of(self.spec, self.wishes, self.deleted)
+        self.observed = await self.runtime.observe()
+        actions = plan(desired, self.observed, self.new_id)
+        for action in actions:
+            self.board.event(action)
+        return await self.runtime.apply(actions)
+
+    async def run(self) -> None:
+        async with self.runtime:
+            while True:
+                self.reload()
+                self.errors = await self.step()
+                await self.board.render(
+                    self.runtime,
+                    summarize(desired_of(self.spec, self.wishes, self.deleted), self.observed),
+                )
+                if self.deleted and not self.runtime.live():
+                    return
+                await asyncio.sleep(self.interval)
+
+    def ready(self) -> bool:
+        live = [w for w in self.observed.workers if w.state is WorkerState.READY]
+        return (
+            bool(self.runtime.endpoint)
+            and summarize(desired_of(self.spec, self.wishes), self.observed)["phase"] == "Ready"
+            and bool(live)
+        )
+
+
+async def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="worldmesh run", description=__doc__)
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument(
+        "--workdir", type=Path, help="configs and worker logs (default: a temp dir)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        deployment_dir = args.workdir or Path(tempfile.mkdtemp(prefix="worldmesh-run-"))
+        deployment = LocalDeployment(args.manifest, deployment_dir)
+    except (OSError, yaml.YAMLError) as exc:
+        print(f"worldmesh run: cannot read {args.manifest}: {exc}", file=sys.stderr)
+        return 2
+    except SpecError as exc:
+        print(
+            f"worldmesh run: {args.manifest} is not a valid ModelDeployment:\n{exc}",
+            file=sys.stderr,
+        )
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, deployment.delete)
+    print(
+        f"worldmesh run: {deployment.spec.name}: {len(deployment.spec.stages)} stages; "
+        f"logs in {deployment_dir}",
+        flush=True,
+    )
+    started = time.monotonic()
+    await deployment.run()
+    print(
+        f"worldmesh run: stopped after {time.monotonic() - started:.0f} s; no worker left",
+        flush=True,
+    )
+    return 0

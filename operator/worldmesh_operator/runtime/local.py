@@ -1,0 +1,308 @@
+"""``LocalRuntime``: a deployment as worker processes on this machine (the embedded default).
+
+Each worker gets its config file, a port pair chosen by the OS (reported on its READY
+line), the deployment's control token (a file readable only by this user), and a log file
+of its own under the work directory. Observing asks every worker's control API (bounded:
+a worker that does not answer within ``answer_timeout_s``, such as a frozen one, is
+reported DEAD so the reconciler replaces it). Stopping sends SIGTERM (the worker drains,
+then exits) and SIGKILL past ``stop_timeout_s``, or at once for a worker that is DEAD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from worldmesh_worker.local import READY_PREFIX, ControlClient, WorkerProcess, connect
+
+from ..reconciler import (
+    Action,
+    CloseWorld,
+    DrainWorker,
+    Observed,
+    ObservedWorker,
+    ObservedWorld,
+    OpenWorld,
+    StartWorker,
+    StopWorker,
+    WorkerState,
+    WorldState,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Worker:
+    id: str
+    stage: int
+    config_hash: str
+    layout: str
+    process: subprocess.Popen[str]
+    log_path: Path
+    created: float
+    handle: WorkerProcess | None = None  # once its READY line was read
+    stopping: bool = False
+    last: dict[str, Any] = field(default_factory=dict)  # last control status
+
+
+class LocalRuntime:
+    def __init__(
+        self,
+        deployment: str,
+        stage_config: Callable[[int], dict[str, Any]],
+        workdir: Path,
+        *,
+        host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
+        answer_timeout_s: float = 2.0,
+        stop_timeout_s: float = 30.0,
+    ) -> None:
+        """``stage_config(stage)`` gives the worker config of a stage, without worker/ports/token."""
+        self.deployment = deployment
+        self.stage_config = stage_config
+        self.workdir = workdir
+        self.host = host
+        self.env = env or {}
+        self.answer_timeout_s = answer_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.workers: dict[str, _Worker] = {}
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.token_path = workdir / "token"
+        self.token_path.write_text(secrets.token_urlsafe(32))
+        self.token_path.chmod(0o600)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> LocalRuntime:
+        self._session = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for worker in self.workers.values():
+            _kill(worker.process)
+        for worker in self.workers.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(timeout=10)
+        for task in self._tasks:
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def endpoint(self) -> str | None:
+        """The front stage's inference URL (its first ready worker)."""
+        for worker in sorted(self.workers.values(), key=lambda w: w.created):
+            if worker.stage == 0 and worker.handle is not None and worker.process.poll() is None:
+                return f"http://{self.host}:{worker.handle.http_port}/v2/models/{self.deployment}/infer"
+        return None
+
+    def live(self) -> list[_Worker]:
+        return [w for w in self.workers.values() if w.process.poll() is None]
+
+    # -- observe ---------------------------------------------------------------------
+
+    async def observe(self) -> Observed:
+        workers = list(self.workers.values())
+        statuses = await asyncio.gather(*(self._status(w) for w in workers))
+        observed_workers, worlds = [], {}
+        rank = {WorldState.READY: 0, WorldState.OPENING: 1, WorldState.BROKEN: 2}
+        for worker, status in zip(workers, statuses, strict=True):
+            state = self._state(worker, status)
+            observed_workers.append(
+                ObservedWorker(
+                    worker.id,
+                    worker.stage,
+                    state,
+                    worker.config_hash,
+                    worker.layout,
+                    worker.created,
+                )
+            )
+            for world in (status or {}).get("worlds", []):
+                a, _, b = world["name"].partition("~")
+                seen = {"ready": WorldState.READY, "opening": WorldState.OPENING}.get(
+                    world["state"], WorldState.BROKEN
+                )
+                if world["state"] == "closed":
+                    continue
+                pair = (a, b)
+                if pair not in worlds or rank[seen] > rank[worlds[pair]]:
+                    worlds[pair] = seen
+        return Observed(
+            tuple(observed_workers),
+            tuple(ObservedWorld(a, b, s) for (a, b), s in sorted(worlds.items())),
+        )
+
+    async def _status(self, worker: _Worker) -> dict[str, Any] | None:
+        if worker.handle is None or worker.process.poll() is not None:
+            return None
+        try:
+            worker.last = await asyncio.wait_for(
+                worker.handle.control.status(), self.answer_timeout_s
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return None
+        return worker.last
+
+    def _state(self, worker: _Worker, status: dict[str, Any] | None) -> WorkerState:
+        if worker.process.poll() is not None:
+            return WorkerState.STOPPING if worker.stopping else WorkerState.DEAD
+        if worker.stopping:
+            return WorkerState.STOPPING
+        if worker.handle is None:
+            return WorkerState.STARTING
+        if status is None:
+            return WorkerState.DEAD  # it does not answer: frozen or wedged
+        if status["draining"]:
+            return WorkerState.DRAINED if status["drained"] else WorkerState.DRAINING
+        return WorkerState.READY
+
+    # -- apply -----------------------------------------------------------------------
+
+    async def apply(self, actions: Sequence[Action]) -> list[str]:
+        outcomes = await asyncio.gather(*(self._apply(a) for a in actions), return_exceptions=True)
+        errors = []
+        for action, outcome in zip(actions, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                errors.append(f"{action}: {outcome}")
+                log.warning("%s failed: %s", action, outcome)
+        self._forget_exited()
+        return errors
+
+    async def _apply(self, action: Action) -> None:
+        if isinstance(action, StartWorker):
+            self.start(action.stage, action.worker_id)
+        elif isinstance(action, DrainWorker):
+            await self._handle(action.worker_id).control.drain(wait=0)
+        elif isinstance(action, StopWorker):
+            self.stop(action.worker_id)
+        elif isinstance(action, OpenWorld):
+            await connect(self._handle(action.a), self._handle(action.b))
+        elif isinstance(action, CloseWorld):
+            name = f"{action.a}~{action.b}"
+            for end in (action.a, action.b):
+                worker = self.workers.get(end)
+                if (
+                    worker is not None
+                    and worker.handle is not None
+                    and worker.process.poll() is None
+                ):
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(
+                            worker.handle.control.close_world(name), self.answer_timeout_s
+                        )
+
+    def _handle(self, worker_id: str) -> WorkerProcess:
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.handle is None:
+            raise RuntimeError(f"worker {worker_id} is not running")
+        return worker.handle
+
+    def start(self, stage: int, worker_id: str) -> None:
+        config = self.stage_config(stage)
+        config_hash = config_digest(config)
+        config.update(
+            worker=worker_id,
+            host=self.host,
+            ports={"http": 0, "control": 0},
+            tokenFile=str(self.token_path),
+        )
+        layout = json.dumps([config.get("model"), config.get("splitPoints")])
+        path = self.workdir / f"{worker_id}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log_path = self.workdir / f"{worker_id}.log"
+        with log_path.open("w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "worldmesh_worker", "--config", str(path)],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env={**os.environ, **self.env},
+                start_new_session=True,  # Ctrl-C reaches the runtime, which drains the workers
+            )
+        worker = _Worker(worker_id, stage, config_hash, layout, process, log_path, time.time())
+        self.workers[worker_id] = worker
+        task = asyncio.create_task(self._await_ready(worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _await_ready(self, worker: _Worker) -> None:
+        assert worker.process.stdout is not None and self._session is not None
+        line = await asyncio.to_thread(worker.process.stdout.readline)
+        if not line.startswith(READY_PREFIX):
+            log.warning("worker %s exited before it was ready; see %s", worker.id, worker.log_path)
+            return
+        ports = json.loads(line[len(READY_PREFIX) :])
+        control = ControlClient(
+            self._session, f"http://{self.host}:{ports['control']}", self.token_path.read_text()
+        )
+        worker.handle = WorkerProcess(
+            worker.id,
+            worker.stage,
+            worker.process,
+            ports["http"],
+            ports["control"],
+            control,
+            worker.log_path,
+        )
+
+    def stop(self, worker_id: str) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return
+        worker.stopping = True  # an exited one is forgotten after this round of actions
+        if worker.process.poll() is not None:
+            return
+        if worker.handle is None or not worker.last:
+            _kill(worker.process)  # never served, or does not answer: nothing to drain
+            return
+        worker.process.send_signal(signal.SIGTERM)  # drains, then exits
+        task = asyncio.create_task(self._reap(worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reap(self, worker: _Worker) -> None:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(worker.process.wait), self.stop_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "worker %s did not exit %g s after SIGTERM: killing it",
+                worker.id,
+                self.stop_timeout_s,
+            )
+            _kill(worker.process)
+
+    def _forget_exited(self) -> None:
+        for worker_id in [
+            w.id for w in self.workers.values() if w.stopping and w.process.poll() is not None
+        ]:
+            del self.workers[worker_id]
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """A stage config's identity: a worker started from another one is outdated."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _kill(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)
+            process.kill()

@@ -1,0 +1,187 @@
+"""``worldmesh run``'s runtime end to end: the reconciler driving real worker processes.
+
+Covers:
+- a worker SIGKILLed under load is replaced (a new worker, the stage back to its count),
+  with zero failed requests;
+- editing the manifest under load scales a stage up (the new worker gets traffic) and down
+  (the removed worker is drained before it is stopped), with zero failed requests;
+- SIGINT to ``worldmesh run`` drains and stops everything and leaves no worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from worldmesh_operator.reconciler import WorkerState
+from worldmesh_operator.run import LocalDeployment
+from worldmesh_worker.loadgen import ClosedLoop, toy_request
+from worldmesh_worker.local import wait_until
+
+MANIFEST = {
+    "apiVersion": "worldmesh.io/v1alpha1",
+    "kind": "ModelDeployment",
+    "metadata": {"name": "toyrun"},
+    "spec": {
+        "model": {"name": "toy-slow", "splitPoints": [1, 3]},
+        "stages": [
+            {"name": "a", "replicas": {"min": 1, "max": 3}},
+            {"name": "b", "replicas": {"min": 2, "max": 3}},
+            {"name": "c", "replicas": {"min": 1, "max": 3}},
+        ],
+    },
+}
+SLOW = {"WORLDMESH_TOY_BLOCK_DELAY_S": "0.01"}
+
+
+def write(path: Path, b_min: int, b_max: int = 3) -> None:
+    manifest = yaml.safe_load(yaml.safe_dump(MANIFEST))
+    manifest["spec"]["stages"][1]["replicas"] = {"min": b_min, "max": b_max}
+    path.write_text(yaml.safe_dump(manifest))
+
+
+class Running:
+    def __init__(self, tmp_path: Path) -> None:
+        self.manifest = tmp_path / "toy.yaml"
+        write(self.manifest, 2)
+        self.lines: list[str] = []
+        self.deployment = LocalDeployment(
+            self.manifest, tmp_path / "run", env=SLOW, out=self.lines.append
+        )
+
+    async def __aenter__(self) -> LocalDeployment:
+        self.task = asyncio.create_task(self.deployment.run())
+        await wait_until(self.deployment.ready, 60, "deployment ready")
+        return self.deployment
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.deployment.delete()
+        await asyncio.wait_for(self.task, 60)
+
+
+def ready_ids(deployment: LocalDeployment, stage: int) -> set[str]:
+    return {
+        w.id
+        for w in deployment.observed.workers
+        if w.stage == stage and w.state is WorkerState.READY
+    }
+
+
+async def test_killed_worker_is_replaced_with_zero_failed_requests(tmp_path):
+    async with Running(tmp_path) as deployment:
+        before = ready_ids(deployment, 1)
+        victim = sorted(before)[0]
+        async with ClosedLoop(deployment.runtime.endpoint, toy_request, 6) as load:
+            await load.answered(20)
+            deployment.runtime.workers[victim].process.kill()
+            await wait_until(
+                lambda: (
+                    len(ready_ids(deployment, 1) - before) == 1
+                    and len(ready_ids(deployment, 1)) == 2
+                    and deployment.ready()
+                ),
+                60,
+                "a replacement ready and wired",
+            )
+            await load.answered(30)
+        assert load.result.lost == 0, load.result.messages[:5]
+        assert victim not in ready_ids(deployment, 1)
+
+
+async def test_manifest_edits_scale_up_and_down_under_load(tmp_path):
+    running = Running(tmp_path)
+    async with running as deployment:
+        async with ClosedLoop(deployment.runtime.endpoint, toy_request, 6) as load:
+            await load.answered(20)
+            before = ready_ids(deployment, 1)
+            write(running.manifest, 3)
+            await wait_until(
+                lambda: len(ready_ids(deployment, 1)) == 3 and deployment.ready(),
+                60,
+                "stage 1 at three workers",
+            )
+            (newcomer,) = ready_ids(deployment, 1) - before
+            await wait_until(lambda: _batches(deployment, newcomer), 30, "traffic to the newcomer")
+            write(running.manifest, 1, 1)
+            await wait_until(
+                lambda: len([w for w in deployment.runtime.workers.values() if w.stage == 1]) == 1,
+                60,
+                "stage 1 down to one",
+            )
+            await load.answered(20)
+        assert load.result.lost == 0, load.result.messages[:5]
+    drains = [line.split()[-1] for line in running.lines if "DrainWorker" in line]
+    stops = [line.split()[-1] for line in running.lines if "StopWorker" in line]
+    removed = [w for w in before | {newcomer} if w in stops]
+    assert len(removed) >= 2
+    for worker in removed:  # every worker removed by the scale-down was drained first
+        assert worker in drains
+        assert running.lines.index(
+            next(x for x in running.lines if "DrainWorker" in x and worker in x)
+        ) < running.lines.index(next(x for x in running.lines if "StopWorker" in x and worker in x))
+
+
+async def _batches(deployment: LocalDeployment, worker_id: str) -> bool:
+    status = deployment.runtime.workers[worker_id].last
+    return sum(w.get("messages_received", 0) for w in status.get("worlds", [])) > 5
+
+
+def test_sigint_leaves_no_worker_process(tmp_path):
+    manifest = tmp_path / "toy.yaml"
+    write(manifest, 2)
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worldmesh_operator.cli",
+            "run",
+            str(manifest),
+            "--workdir",
+            str(workdir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in process.stdout:
+            if "Ready (" in line:
+                break
+        workers = _workers_of(workdir)
+        assert len(workers) == 4
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not [pid for pid in workers if _alive(pid)]
+    assert not _workers_of(workdir)
+
+
+def _workers_of(workdir: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "worldmesh_worker" in cmdline and str(workdir) in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text().split()
+    return stat[2] != "Z"
