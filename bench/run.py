@@ -15,10 +15,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import common
+import control_bench
 import pipeline_bench
 import worlds_bench
 
-BENCHMARKS = {"worlds": worlds_bench.run, "pipeline": pipeline_bench.run}
+BENCHMARKS = {
+    "worlds": worlds_bench.run,
+    "pipeline": pipeline_bench.run,
+    "control": control_bench.run,
+}
 
 
 def main() -> int:

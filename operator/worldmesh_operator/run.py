@@ -2,8 +2,9 @@
 
 The loop is the operator's, with a local runtime: every ``interval`` it reads the manifest
 again if it changed (a bad edit is reported and the running spec kept), turns the spec into
-the desired workers per stage, observes the workers, plans with the reconciler and applies
-the actions. A live table shows stages, workers, worlds, requests/s, p50/p99 and queue
+the desired workers per stage (the built-in autoscaler, when enabled, moves them within
+min..max from the workers' own ``/metrics`` once a second), observes the workers, plans
+with the reconciler and applies the actions. A live table shows stages, workers, worlds, requests/s, p50/p99 and queue
 depth. Ctrl-C (SIGINT) or SIGTERM marks the deployment deleted: every worker is drained,
 then stopped, and no process is left behind.
 """
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import yaml
 
+from .metrics_source import DirectScrape
 from .reconciler import Desired, DesiredStage, Observed, WorkerState, plan, summarize
 from .runtime.local import LocalRuntime, config_digest
+from .scaling import Autoscaler, StageLoad
 from .spec import DeploymentSpec, SpecError, parse_spec
 from .status import StatusBoard
 
@@ -69,7 +72,10 @@ class LocalDeployment:
         self.runtime = LocalRuntime(
             self.spec.name, lambda i: self.spec.stage_config(i), workdir, env=env
         )
-        self.wishes: dict[int, int] = {}
+        self.wishes: dict[int, int] = {}  # the autoscaler's worker count per stage
+        self.autoscaler: Autoscaler | None = None
+        self.metrics = DirectScrape(self.runtime)
+        self.scale_interval = 1.0
         self.deleted = False
         self.observed = Observed()
         self.errors: list[str] = []
@@ -108,10 +114,38 @@ class LocalDeployment:
             self.board.event(action)
         return await self.runtime.apply(actions)
 
+    async def autoscale(self, now: float) -> None:
+        """One tick of the built-in autoscaler (stages pinned by ``spec.replicas`` excepted)."""
+        policy = self.spec.autoscaling
+        if not policy.enabled or self.deleted:
+            return
+        if self.autoscaler is None or self.autoscaler.spec != policy:
+            self.autoscaler = Autoscaler(policy)
+        signals = await self.metrics.stage_signals(policy.metric)
+        loads = [
+            StageLoad(
+                s.index,
+                self.wishes.get(s.index, s.min_replicas),
+                signals.get(s.index),
+                s.min_replicas,
+                s.max_replicas,
+            )
+            for s in self.spec.stages
+            if self.spec.pinned_replicas(s.index) is None
+        ]
+        for decision in self.autoscaler.decide(loads, now):
+            if decision.workers != self.wishes.get(decision.stage, decision.workers):
+                self.board.note(f"autoscaler: stage {decision.stage}: {decision.reason}")
+            self.wishes[decision.stage] = decision.workers
+
     async def run(self) -> None:
         async with self.runtime:
+            last_scale = 0.0
             while True:
                 self.reload()
+                if time.monotonic() - last_scale >= self.scale_interval:
+                    last_scale = time.monotonic()
+                    await self.autoscale(last_scale)
                 self.errors = await self.step()
                 await self.board.render(
                     self.runtime,

@@ -185,3 +185,43 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat").read_text().split()
     return stat[2] != "Z"
+
+
+async def test_builtin_autoscaler_grows_the_bottleneck_under_load_and_shrinks_it_after(tmp_path):
+    manifest = yaml.safe_load(yaml.safe_dump(MANIFEST))
+    manifest["spec"]["stages"][1] = {
+        "name": "b",
+        "replicas": {"min": 1, "max": 3},
+        "batching": {"maxBatchSize": 1},
+    }
+    manifest["spec"]["autoscaling"] = {
+        "enabled": True,
+        "metric": "queueDepthPerWorker",
+        "target": 2,
+        "scaleDownStabilizationSeconds": 3,
+        "scaleDownLimit": {"workers": 4, "periodSeconds": 10},
+    }
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    lines: list[str] = []
+    deployment = LocalDeployment(path, tmp_path / "run", env=SLOW, out=lines.append)
+    task = asyncio.create_task(deployment.run())
+    try:
+        await wait_until(deployment.ready, 60, "deployment ready")
+        async with ClosedLoop(deployment.runtime.endpoint, toy_request, 12) as load:
+            await wait_until(lambda: len(ready_ids(deployment, 1)) >= 2, 60, "stage 1 grown")
+            await load.answered(20)
+        assert load.result.lost == 0, load.result.messages[:5]
+        assert deployment.wishes[0] == 1 and deployment.wishes[2] == 1  # only the bottleneck grew
+        await wait_until(
+            lambda: (
+                deployment.wishes[1] == 1
+                and len([w for w in deployment.runtime.workers.values() if w.stage == 1]) == 1
+            ),
+            60,
+            "shrunk back",
+        )
+        assert any("autoscaler: stage 1" in line for line in lines)
+    finally:
+        deployment.delete()
+        await asyncio.wait_for(task, 60)

@@ -190,7 +190,11 @@ class LocalRuntime:
         if isinstance(action, StartWorker):
             self.start(action.stage, action.worker_id)
         elif isinstance(action, DrainWorker):
-            await self._handle(action.worker_id).control.drain(wait=0)
+            worker = self.workers.get(action.worker_id)
+            if worker is not None and worker.handle is None:
+                self.stop(action.worker_id)  # still starting: it never served, nothing to drain
+            else:
+                await self._handle(action.worker_id).control.drain(wait=0)
         elif isinstance(action, StopWorker):
             self.stop(action.worker_id)
         elif isinstance(action, OpenWorld):
