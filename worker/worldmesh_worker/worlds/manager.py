@@ -20,22 +20,19 @@ forward at 0.5-0.66x the rate of one shared group; shared, they reach parity.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import re
-import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .threads import in_own_thread
 from .world import DownHandler, Handler, World, WorldBroken, WorldOptions, WorldState
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _WORKER_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 _HELLO = b"worldmesh-world "
@@ -76,31 +73,6 @@ def choose_backend(requested: str, mine: str, peer: str) -> str:
     if requested == "gloo" or not distinct_gpus:
         return "gloo"
     return "nccl"
-
-
-async def in_own_thread(fn: Callable[[], T], name: str) -> T:
-    """Run a blocking call on a new daemon thread; the caller's deadline bounds the wait."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if not future.done():
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
-
-    def run() -> None:
-        result, error = None, None
-        try:
-            result = fn()
-        except BaseException as exc:  # handed to the awaiting coroutine
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await future
 
 
 class WorldManager:

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .threads import in_own_thread
 from .wire import HEADER_LEN, MalformedMessage, Message, MessageKind, decode, encode, parse_header
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class World:
             self._heartbeat_task.cancel()
         if self._heartbeat is not None:
             self._heartbeat[1].close()
-        await asyncio.to_thread(self._join_threads)
+        await in_own_thread(self._join_threads, f"join:{self.name}")  # never the shared pool
         if self._owns_group:
             with contextlib.suppress(RuntimeError):
                 self._pg.abort()  # NCCL: frees the communicator; Gloo: closes what is left
