@@ -173,3 +173,15 @@ async def test_minilm_pipeline_over_http_equals_the_unsplit_model():
         assert status == 200, answer
         got = np.asarray(answer["outputs"][0]["data"], dtype=np.float32).reshape(want.shape)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.models
+async def test_worldmesh_load_drives_real_samples_and_scores_them():
+    from worldmesh_operator.load import drive
+
+    async with LocalPipeline("efficientnet-lite0", [9], [1, 1], deployment="fashion") as pipeline:
+        url = f"{pipeline.front.http_url}/v2/models/fashion/infer"
+        summary = await drive(url, "fashion-mnist", duration=3.0, concurrency=4, progress=False)
+    assert summary.answered > 10 and set(summary.codes) == {200}
+    assert summary.correct / summary.answered > 0.6  # the trained head, on real test images
+    assert any(line.startswith("accuracy") for line in summary.lines())
