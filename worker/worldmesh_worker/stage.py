@@ -196,11 +196,10 @@ class Stage:
         self.metrics.worlds(counts)
 
     def _announce(self) -> None:
-        """Tell upstream peers when ``accepting`` changes (drain always re-announces)."""
+        """Tell upstream peers when ``accepting`` changes; each announcement has a new
+        sequence number, which a drain waits to see acknowledged by every upstream peer."""
         accepting = self.accepting
-        if accepting == self._announced and not self.draining:
-            return
-        if self.draining and self._announced is False and self._drain_seq:
+        if accepting == self._announced:
             return
         self._announced = accepting
         self._drain_seq += 1
