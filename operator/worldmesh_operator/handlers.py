@@ -1,0 +1,219 @@
+"""The kopf handlers: Kubernetes events in, the reconciler's actions out, through a runtime.
+
+- startup: our finalizer, progress and diff-base annotations under ``worldmesh.io``; the
+  API client and the worker image go in ``memo`` unless a test put its own there. Peering
+  comes from the command line (the chart passes ``--peering`` and ``--priority``).
+- create/update/resume: parse the spec (a ``SpecError`` sets Degraded/InvalidSpec and is
+  a ``kopf.PermanentError``: this deployment waits for a new spec, others go on), make
+  sure the Secret and Services exist, and run one reconcile step.
+- a timer every ``RECONCILE_INTERVAL_S``: observe -> plan -> apply, then the status
+  (conditions, counts, endpoint, /scale fields) and an Event per start, drain and
+  replacement. Level-based: a restarted operator adopts the pods it finds.
+- delete: drain every worker, delete the pods, then the Services and the Secret.
+- pod events: a failed worker pod is a Warning Event on its ModelDeployment.
+
+No scheduling or wiring logic lives here: that is ``reconciler.plan``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from . import builders
+from .builders import GROUP, PLURAL, VERSION
+from .reconciler import Action, DrainWorker, StartWorker, StopWorker, WorkerState, plan, summarize
+from .run import desired_of
+from .runtime.kube_api import KubeApi
+from .runtime.kubernetes import KubernetesRuntime
+from .spec import DeploymentSpec, SpecError, parse_spec
+
+RECONCILE_INTERVAL_S = 2.0
+DEFAULT_IMAGE = "ghcr.io/worldmesh/worker:0.1.0"
+
+
+@dataclass
+class Managed:
+    """What the operator holds for one ModelDeployment (in ``memo.deployments``)."""
+
+    spec: DeploymentSpec
+    runtime: KubernetesRuntime
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ensured: bool = False
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = "worldmesh.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="worldmesh.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="worldmesh.io", key="last-handled-configuration"
+    )
+    if "api" not in memo:
+        memo.api = KubeApi.from_environment()
+    memo.setdefault("image", os.environ.get("WORLDMESH_WORKER_IMAGE", DEFAULT_IMAGE))
+    memo.setdefault("deployments", {})
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    for managed in memo.get("deployments", {}).values():
+        await managed.runtime.close()
+    await memo.api.close()
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=RECONCILE_INTERVAL_S)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", backoff=RECONCILE_INTERVAL_S)
+@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=RECONCILE_INTERVAL_S)
+async def reconcile(
+    body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, memo: kopf.Memo, **_: Any
+) -> None:
+    managed = _managed(body, patch, memo)
+    if managed is None:
+        raise kopf.PermanentError("invalid spec: see the Degraded condition")
+    await _step(managed, body, patch, meta.get("generation"))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL_S, backoff=RECONCILE_INTERVAL_S)
+async def tick(
+    body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, memo: kopf.Memo, **_: Any
+) -> None:
+    managed = _managed(body, patch, memo)
+    if managed is not None:
+        await _step(managed, body, patch, meta.get("generation"))
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, backoff=1.0)
+async def delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    key = (body.metadata.namespace, body.metadata.name)
+    managed = memo.deployments.get(key) or _managed(body, kopf.Patch(), memo)
+    if managed is None:
+        return  # never valid: it owns nothing
+    async with managed.lock:
+        observed = await managed.runtime.observe()
+        actions = plan(desired_of(managed.spec, {}, deleted=True), observed, _new_id(managed))
+        await managed.runtime.apply(actions)
+        if observed.workers:
+            raise kopf.TemporaryError(f"{len(observed.workers)} workers draining", delay=1)
+        await managed.runtime.delete_objects()
+        await managed.runtime.close()
+    memo.deployments.pop(key, None)
+
+
+@kopf.on.event("v1", "pods", labels={"app.kubernetes.io/managed-by": builders.MANAGED_BY})
+async def pod_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    if event["type"] != "MODIFIED" or body.get("status", {}).get("phase") != "Failed":
+        return
+    for owner in body.metadata.get("ownerReferences") or []:
+        if owner.get("kind") == builders.KIND:
+            target = {
+                "apiVersion": owner["apiVersion"],
+                "kind": owner["kind"],
+                "metadata": {
+                    "name": owner["name"],
+                    "namespace": body.metadata.namespace,
+                    "uid": owner["uid"],
+                },
+            }
+            reason = body.get("status", {}).get("reason") or "the worker exited"
+            kopf.warn(
+                kopf.Body(target),  # type: ignore[arg-type]  # a RawBody is enough here
+                reason="WorkerFailed",
+                message=f"pod {body.metadata.name}: {reason}",
+            )
+
+
+def _managed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> Managed | None:
+    """The deployment's state with its current spec, or None (status set) if invalid."""
+    key = (body.metadata.namespace, body.metadata.name)
+    manifest = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {"name": body.metadata.name, "namespace": body.metadata.namespace},
+        "spec": dict(body.spec),
+    }
+    try:
+        spec = parse_spec(manifest)
+    except SpecError as exc:
+        status = builders.build_invalid_status(
+            str(exc),
+            body.metadata.get("generation"),
+            body.get("status", {}).get("conditions", []),
+            _now(),
+        )
+        if body.get("status", {}).get("conditions") != status["conditions"]:
+            patch.status.update(status)
+        return None
+    managed: Managed | None = memo.deployments.get(key)
+    if managed is None:
+        owner = {
+            "apiVersion": body["apiVersion"],
+            "kind": body["kind"],
+            "metadata": dict(body.metadata),
+        }
+        runtime = KubernetesRuntime(memo.api, lambda: memo.deployments[key].spec, owner, memo.image)
+        managed = memo.deployments[key] = Managed(spec, runtime)
+    managed.spec = spec
+    return managed
+
+
+async def _step(
+    managed: Managed, body: kopf.Body, patch: kopf.Patch, generation: int | None
+) -> None:
+    async with managed.lock:
+        if not managed.ensured:
+            await managed.runtime.ensure_objects()
+            managed.ensured = True
+        desired = desired_of(managed.spec, {})
+        observed = await managed.runtime.observe()
+        actions = plan(desired, observed, _new_id(managed))
+        dead = {w.id for w in observed.workers if w.state is WorkerState.DEAD}
+        errors = await managed.runtime.apply(actions)
+    for action in actions:
+        _announce(body, action, dead, managed)
+    for error in errors:
+        kopf.warn(body, reason="ActionFailed", message=error)
+    workers: dict[int, list[str]] = {}
+    for w in observed.workers:
+        if w.state in (WorkerState.STARTING, WorkerState.READY):
+            workers.setdefault(w.stage, []).append(w.id)
+    status = builders.build_status(
+        managed.spec,
+        summarize(desired, observed),
+        workers,
+        generation,
+        body.get("status", {}).get("conditions", []),
+        _now(),
+    )
+    current = {k: body.get("status", {}).get(k) for k in status}
+    if current != status:
+        patch.status.update(status)
+
+
+def _announce(body: kopf.Body, action: Action, dead: set[str], managed: Managed) -> None:
+    if isinstance(action, StartWorker):
+        kopf.info(
+            body, reason="WorkerStarting", message=f"stage {action.stage}: {action.worker_id}"
+        )
+    elif isinstance(action, DrainWorker):
+        kopf.info(
+            body, reason="WorkerDraining", message=f"{action.worker_id} (scale down or update)"
+        )
+    elif isinstance(action, StopWorker) and action.worker_id in dead:
+        failures = [f for f in managed.runtime.failures if action.worker_id in f]
+        message = failures[0] if failures else f"worker {action.worker_id} is dead"
+        kopf.warn(body, reason="WorkerReplaced", message=message)
+
+
+def _new_id(managed: Managed) -> Any:
+    return lambda stage: f"{managed.spec.name}-s{stage}-{secrets.token_hex(3)}"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,296 @@
+"""``KubernetesRuntime``: one deployment's workers as pods; the LocalRuntime's twin.
+
+Observing lists the deployment's pods (label ``worldmesh.io/deployment``) and asks each
+running pod's control API (``http://<pod IP>:<controlPort>``, bearer token from the
+deployment's Secret) for its status, bounded by ``answer_timeout_s``. A pod is:
+
+- STOPPING once it has a ``deletionTimestamp`` (SIGTERM sent: it drains, then exits);
+- DEAD when its phase is Failed/Succeeded, or when it answered before (or was Ready) and
+  no longer answers: frozen or wedged, so the reconciler replaces it;
+- STARTING while it has no IP or has never answered (the model may still be loading);
+- else READY / DRAINING / DRAINED from the worker's own status, worlds included.
+
+Applying: StartWorker creates a pod (``builders.build_worker_pod``, owned by the
+ModelDeployment); DrainWorker asks the control API (a pod that never answered is deleted at
+once, it served nothing); StopWorker deletes the pod (grace period 0 for a DEAD one, else
+the pod's, during which SIGTERM drains it); OpenWorld/CloseWorld go to both ends' control
+APIs, as ``worldmesh_worker.local.connect`` does for processes. ``ensure_objects`` creates
+the token Secret and both Services if absent and reads the token back, so a restarted
+operator adopts what exists rather than rotating the token under running workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+import aiohttp
+
+from worldmesh_worker.local import ControlClient, WorkerProcess, connect
+
+from .. import builders
+from ..reconciler import (
+    Action,
+    CloseWorld,
+    DrainWorker,
+    Observed,
+    ObservedWorker,
+    ObservedWorld,
+    OpenWorld,
+    StartWorker,
+    StopWorker,
+    WorkerState,
+    WorldState,
+)
+from ..spec import DeploymentSpec
+from .kube_api import KubeApi
+
+log = logging.getLogger(__name__)
+_RANK = {WorldState.READY: 0, WorldState.OPENING: 1, WorldState.BROKEN: 2}
+
+
+@dataclass
+class _Peer:
+    """What ``connect`` needs of a worker: its id, stage, device and control client."""
+
+    worker: str
+    stage: int
+    device: str
+    control: ControlClient
+
+
+class KubernetesRuntime:
+    def __init__(
+        self,
+        api: KubeApi,
+        spec: Callable[[], DeploymentSpec],
+        owner: dict[str, Any],
+        image: str,
+        *,
+        answer_timeout_s: float = 2.0,
+    ) -> None:
+        """``spec()`` gives the deployment's current spec; ``owner`` is the CR body (uid)."""
+        self.api = api
+        self.spec = spec
+        self.owner = owner
+        self.image = image
+        self.answer_timeout_s = answer_timeout_s
+        self.token: str | None = None
+        self.pods: dict[str, dict[str, Any]] = {}  # the last observation, by worker id
+        self.failures: list[str] = []  # pod failures seen by the last observe()
+        self._answered: set[str] = set()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- owned objects ----------------------------------------------------------------
+
+    async def ensure_objects(self) -> None:
+        """Create the token Secret and the Services if absent; adopt the existing token."""
+        spec = self.spec()
+        name = builders.token_secret_name(spec)
+        secret = builders.build_token_secret(spec, secrets.token_urlsafe(32), self.owner)
+        await self.api.create_if_absent("secrets", secret)
+        current = await self.api.get("v1", "secrets", spec.namespace, name)
+        self.token = base64.b64decode(current["data"][builders.TOKEN_KEY]).decode()
+        await self.api.create_if_absent("services", builders.build_front_service(spec, self.owner))
+        await self.api.create_if_absent(
+            "services", builders.build_peer_headless_service(spec, self.owner)
+        )
+
+    async def delete_objects(self) -> None:
+        """Delete the Services and the Secret (a cluster's GC would too; an emulator won't)."""
+        spec = self.spec()
+        for plural, name in (
+            ("services", builders.front_service_name(spec)),
+            ("services", builders.peer_service_name(spec)),
+            ("secrets", builders.token_secret_name(spec)),
+        ):
+            await self.api.delete("v1", plural, spec.namespace, name)
+
+    # -- observe -----------------------------------------------------------------------
+
+    async def observe(self) -> Observed:
+        spec = self.spec()
+        pods = await self.api.list(
+            "v1",
+            "pods",
+            spec.namespace,
+            builders.selector_string(builders.worker_selector(spec)),
+        )
+        self.pods = {p["metadata"]["name"]: p for p in pods}
+        statuses = await asyncio.gather(*(self._status(p) for p in pods))
+        workers: list[ObservedWorker] = []
+        worlds: dict[tuple[str, str], WorldState] = {}
+        self.failures = []
+        for pod, status in zip(pods, statuses, strict=True):
+            meta = pod["metadata"]
+            annotations = meta.get("annotations") or {}
+            state = self._state(pod, status)
+            if state is WorkerState.DEAD:
+                self.failures.append(_failure(pod))
+            workers.append(
+                ObservedWorker(
+                    meta["name"],
+                    int(meta["labels"][builders.LABEL_STAGE]),
+                    state,
+                    annotations.get(builders.ANNOTATION_CONFIG_HASH, ""),
+                    annotations.get(builders.ANNOTATION_LAYOUT, ""),
+                    _timestamp(meta.get("creationTimestamp")),
+                )
+            )
+            for world in (status or {}).get("worlds", []):
+                if world["state"] == "closed":
+                    continue
+                a, _, b = world["name"].partition("~")
+                seen = {"ready": WorldState.READY, "opening": WorldState.OPENING}.get(
+                    world["state"], WorldState.BROKEN
+                )
+                if (a, b) not in worlds or _RANK[seen] > _RANK[worlds[(a, b)]]:
+                    worlds[(a, b)] = seen
+        self._answered &= set(self.pods)
+        return Observed(
+            tuple(workers),
+            tuple(ObservedWorld(a, b, s) for (a, b), s in sorted(worlds.items())),
+        )
+
+    async def _status(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+        if _gone(pod) or not pod.get("status", {}).get("podIP"):
+            return None
+        try:
+            status = await asyncio.wait_for(self._control(pod).status(), self.answer_timeout_s)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, RuntimeError):
+            return None
+        self._answered.add(pod["metadata"]["name"])
+        return status
+
+    def _state(self, pod: dict[str, Any], status: dict[str, Any] | None) -> WorkerState:
+        if pod["metadata"].get("deletionTimestamp"):
+            return WorkerState.STOPPING
+        if _gone(pod):
+            return WorkerState.DEAD
+        if status is None:
+            name = pod["metadata"]["name"]
+            if name in self._answered or _condition(pod, "Ready"):
+                return WorkerState.DEAD  # it served, and does not answer: frozen or wedged
+            return WorkerState.STARTING
+        if status.get("draining"):
+            return WorkerState.DRAINED if status.get("drained") else WorkerState.DRAINING
+        return WorkerState.READY
+
+    # -- apply -------------------------------------------------------------------------
+
+    async def apply(self, actions: Sequence[Action]) -> list[str]:
+        outcomes = await asyncio.gather(*(self._apply(a) for a in actions), return_exceptions=True)
+        errors = []
+        for action, outcome in zip(actions, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                errors.append(f"{action}: {outcome}")
+                log.warning("%s failed: %s", action, outcome)
+        return errors
+
+    async def _apply(self, action: Action) -> None:
+        spec = self.spec()
+        if isinstance(action, StartWorker):
+            pod = builders.build_worker_pod(
+                spec,
+                action.stage,
+                action.worker_id,
+                self.image,
+                builders.token_secret_name(spec),
+                self.owner,
+            )
+            await self.api.create("pods", pod)
+        elif isinstance(action, DrainWorker):
+            if action.worker_id not in self._answered:
+                await self._delete(action.worker_id, 0)  # never served: nothing to drain
+            else:
+                await self._control(self.pods[action.worker_id]).drain(wait=0)
+        elif isinstance(action, StopWorker):
+            answered = action.worker_id in self._answered
+            stopped = self.pods.get(action.worker_id)
+            dead = stopped is None or _gone(stopped) or not answered
+            await self._delete(action.worker_id, 0 if dead else None)
+        elif isinstance(action, OpenWorld):
+            await connect(
+                cast(WorkerProcess, self._peer(action.a)),
+                cast(WorkerProcess, self._peer(action.b)),
+            )
+        elif isinstance(action, CloseWorld):
+            name = f"{action.a}~{action.b}"
+            for end in (action.a, action.b):
+                peer = self.pods.get(end)
+                if peer is not None and end in self._answered and not _gone(peer):
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(
+                            self._control(peer).close_world(name), self.answer_timeout_s
+                        )
+
+    async def _delete(self, worker_id: str, grace_period_s: int | None) -> None:
+        await self.api.delete("v1", "pods", self.spec().namespace, worker_id, grace_period_s)
+        self._answered.discard(worker_id)
+
+    def _peer(self, worker_id: str) -> _Peer:
+        pod = self.pods.get(worker_id)
+        if pod is None or worker_id not in self._answered:
+            raise RuntimeError(f"worker {worker_id} is not serving")
+        stage = int(pod["metadata"]["labels"][builders.LABEL_STAGE])
+        gpus = self.spec().stages[stage].resources.gpus if stage < len(self.spec().stages) else 0
+        return _Peer(worker_id, stage, "cuda" if gpus else "cpu", self._control(pod))
+
+    def _control(self, pod: dict[str, Any]) -> ControlClient:
+        if self.token is None:
+            raise RuntimeError("no control token yet: ensure_objects() first")
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        ip = pod["status"]["podIP"]
+        return ControlClient(self._session, f"http://{ip}:{self.spec().ports.control}", self.token)
+
+    def endpoint_ready(self) -> bool:
+        """Whether some front-stage pod is Ready (the Service has an endpoint)."""
+        return any(
+            p["metadata"]["labels"].get(builders.LABEL_STAGE) == "0" and _condition(p, "Ready")
+            for p in self.pods.values()
+        )
+
+
+def _gone(pod: dict[str, Any]) -> bool:
+    return pod.get("status", {}).get("phase") in ("Failed", "Succeeded")
+
+
+def _condition(pod: dict[str, Any], kind: str) -> bool:
+    return any(
+        c.get("type") == kind and c.get("status") == "True"
+        for c in pod.get("status", {}).get("conditions") or []
+    )
+
+
+def _failure(pod: dict[str, Any]) -> str:
+    status = pod.get("status", {})
+    reason = status.get("reason") or status.get("message") or ""
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            reason = (
+                reason or f"exit code {terminated.get('exitCode')} ({terminated.get('reason')})"
+            )
+    phase = status.get("phase", "Running")
+    return f"worker {pod['metadata']['name']} failed ({phase}{': ' + reason if reason else ''})"
+
+
+def _timestamp(value: str | None) -> float:
+    if not value:
+        return 0.0
+    with contextlib.suppress(ValueError):
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return 0.0
