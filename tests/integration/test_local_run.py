@@ -225,3 +225,28 @@ async def test_builtin_autoscaler_grows_the_bottleneck_under_load_and_shrinks_it
     finally:
         deployment.delete()
         await asyncio.wait_for(task, 60)
+
+
+async def test_batching_edit_rolls_every_worker_of_the_stage_without_failed_requests(tmp_path):
+    running = Running(tmp_path)
+    async with running as deployment:
+        before = ready_ids(deployment, 1)
+        async with ClosedLoop(deployment.runtime.endpoint, toy_request, 6) as load:
+            await load.answered(20)
+            manifest = yaml.safe_load(running.manifest.read_text())
+            manifest["spec"]["stages"][1]["batching"] = {"maxBatchSize": 2, "maxQueueDelayMs": 1}
+            running.manifest.write_text(yaml.safe_dump(manifest))
+            await wait_until(
+                lambda: (
+                    len(ready_ids(deployment, 1)) == 2
+                    and not (ready_ids(deployment, 1) & before)
+                    and len([w for w in deployment.runtime.workers.values() if w.stage == 1]) == 2
+                ),
+                90,
+                "stage 1 rolled to the new batching",
+            )
+            await load.answered(20)
+        assert load.result.lost == 0, load.result.messages[:5]
+        for worker in ready_ids(deployment, 1):  # the new workers run the new config
+            config = yaml.safe_load((deployment.runtime.workdir / f"{worker}.yaml").read_text())
+            assert config["batching"]["maxBatchSize"] == 2
