@@ -42,18 +42,16 @@ from ..reconciler import (
     DrainWorker,
     Observed,
     ObservedWorker,
-    ObservedWorld,
     OpenWorld,
     StartWorker,
     StopWorker,
     WorkerState,
-    WorldState,
 )
 from ..spec import DeploymentSpec
+from .base import merge_worlds
 from .kube_api import KubeApi
 
 log = logging.getLogger(__name__)
-_RANK = {WorldState.READY: 0, WorldState.OPENING: 1, WorldState.BROKEN: 2}
 
 
 @dataclass
@@ -131,7 +129,6 @@ class KubernetesRuntime:
         self.pods = {p["metadata"]["name"]: p for p in pods}
         statuses = await asyncio.gather(*(self._status(p) for p in pods))
         workers: list[ObservedWorker] = []
-        worlds: dict[tuple[str, str], WorldState] = {}
         self.failures = []
         for pod, status in zip(pods, statuses, strict=True):
             meta = pod["metadata"]
@@ -149,20 +146,8 @@ class KubernetesRuntime:
                     _timestamp(meta.get("creationTimestamp")),
                 )
             )
-            for world in (status or {}).get("worlds", []):
-                if world["state"] == "closed":
-                    continue
-                a, _, b = world["name"].partition("~")
-                seen = {"ready": WorldState.READY, "opening": WorldState.OPENING}.get(
-                    world["state"], WorldState.BROKEN
-                )
-                if (a, b) not in worlds or _RANK[seen] > _RANK[worlds[(a, b)]]:
-                    worlds[(a, b)] = seen
         self._answered &= set(self.pods)
-        return Observed(
-            tuple(workers),
-            tuple(ObservedWorld(a, b, s) for (a, b), s in sorted(worlds.items())),
-        )
+        return Observed(tuple(workers), merge_worlds(statuses))
 
     async def _status(self, pod: dict[str, Any]) -> dict[str, Any] | None:
         if _gone(pod) or not pod.get("status", {}).get("podIP"):

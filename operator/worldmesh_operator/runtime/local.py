@@ -37,13 +37,12 @@ from ..reconciler import (
     DrainWorker,
     Observed,
     ObservedWorker,
-    ObservedWorld,
     OpenWorld,
     StartWorker,
     StopWorker,
     WorkerState,
-    WorldState,
 )
+from .base import merge_worlds
 
 log = logging.getLogger(__name__)
 
@@ -121,34 +120,18 @@ class LocalRuntime:
     async def observe(self) -> Observed:
         workers = list(self.workers.values())
         statuses = await asyncio.gather(*(self._status(w) for w in workers))
-        observed_workers, worlds = [], {}
-        rank = {WorldState.READY: 0, WorldState.OPENING: 1, WorldState.BROKEN: 2}
-        for worker, status in zip(workers, statuses, strict=True):
-            state = self._state(worker, status)
-            observed_workers.append(
-                ObservedWorker(
-                    worker.id,
-                    worker.stage,
-                    state,
-                    worker.config_hash,
-                    worker.layout,
-                    worker.created,
-                )
+        observed_workers = [
+            ObservedWorker(
+                worker.id,
+                worker.stage,
+                self._state(worker, status),
+                worker.config_hash,
+                worker.layout,
+                worker.created,
             )
-            for world in (status or {}).get("worlds", []):
-                a, _, b = world["name"].partition("~")
-                seen = {"ready": WorldState.READY, "opening": WorldState.OPENING}.get(
-                    world["state"], WorldState.BROKEN
-                )
-                if world["state"] == "closed":
-                    continue
-                pair = (a, b)
-                if pair not in worlds or rank[seen] > rank[worlds[pair]]:
-                    worlds[pair] = seen
-        return Observed(
-            tuple(observed_workers),
-            tuple(ObservedWorld(a, b, s) for (a, b), s in sorted(worlds.items())),
-        )
+            for worker, status in zip(workers, statuses, strict=True)
+        ]
+        return Observed(tuple(observed_workers), merge_worlds(statuses))
 
     async def _status(self, worker: _Worker) -> dict[str, Any] | None:
         if worker.handle is None or worker.process.poll() is not None:
