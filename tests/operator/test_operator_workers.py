@@ -1,0 +1,167 @@
+"""The operator with real workers: a test kubelet runs every pod as a worker process.
+
+- A 3-stage ``toy`` ModelDeployment: the operator creates the pods, the kubelet runs them
+  on their own loopback addresses, the operator opens real worlds between neighbouring
+  stages through the workers' control APIs, and requests to the front pod are answered.
+- Killing a middle-stage worker, then deleting a middle-stage pod, each under a closed
+  loop: the operator replaces the pod, no other worker restarts (same pids) and no
+  request fails; the deleted pod's worker drains on SIGTERM and exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kopf
+import pytest
+
+from worldmesh_operator import builders
+from worldmesh_operator.runtime.kube_api import KubeApi
+from worldmesh_worker.loadgen import ClosedLoop, toy_request
+from worldmesh_worker.local import wait_until
+
+from .kubelet import Kubelet
+from .test_operator import MD, pods_of, status_of
+
+TIMEOUT = 30.0
+
+
+@pytest.fixture
+async def kubelet(operator: kopf.Memo) -> AsyncIterator[Kubelet]:
+    with tempfile.TemporaryDirectory(prefix="worldmesh-kubelet-") as workdir:
+        kubelet = Kubelet(operator.api, Path(workdir))
+        await kubelet.start()
+        try:
+            yield kubelet
+        finally:
+            await kubelet.close()
+
+
+def free_port() -> int:
+    """A port nothing listens on now (bound on every address, so no wildcard clash later)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def manifest(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": MD,
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "model": {"name": "toy", "splitPoints": [1, 3]},
+            "port": free_port(),
+            "controlPort": free_port(),
+            "stages": [
+                {"name": "front", "replicas": {"min": 1, "max": 1}},
+                {"name": "middle", "replicas": {"min": 2, "max": 2}},
+                {"name": "back", "replicas": {"min": 1, "max": 1}},
+            ],
+        },
+    }
+
+
+async def serving(api: KubeApi, kubelet: Kubelet, name: str, workers: int) -> str | None:
+    """The front pod's URL once the status is Ready with ``workers`` ready workers."""
+    status = await status_of(api, name)
+    if status.get("phase") != "Ready" or status.get("readyWorkers") != workers:
+        return None
+    fronts = [
+        kubelet.pods[p["metadata"]["name"]]
+        for p in await pods_of(api, name)
+        if p["metadata"]["labels"][builders.LABEL_STAGE] == "0"
+        and p["metadata"]["name"] in kubelet.pods
+    ]
+    return fronts[0].http_url if fronts else None
+
+
+async def test_real_workers_serve_and_killed_or_deleted_ones_are_replaced(
+    operator: kopf.Memo, kubelet: Kubelet
+) -> None:
+    api: KubeApi = operator.api
+    await api.create("modeldeployments", manifest("real"))
+
+    async def up() -> str | None:
+        return await serving(api, kubelet, "real", 4)
+
+    try:
+        front = await wait_until(up, TIMEOUT, "the deployment serving", interval=0.1)
+    except TimeoutError:
+        logs = {p.name: p.log_path.read_text()[-1500:] for p in kubelet.history}
+        raise AssertionError(f"{await status_of(api, 'real')}\n{kubelet.errors}\n{logs}") from None
+    url = f"{front}/v2/models/real/infer"
+    status = await status_of(api, "real")
+    assert status["worlds"] == {"ready": 4, "broken": 0}  # 1x2 + 2x1 real worlds
+    pods = await pods_of(api, "real")
+    assert len(pods) == 4
+    ips = {p["status"]["podIP"] for p in pods}
+    assert len(ips) == 4 and all(ip.startswith("127.0.0.") for ip in ips)
+
+    async with aiohttp.ClientSession() as session:
+        for i in range(5):
+            body, check = toy_request(i)
+            async with session.post(url, json=body) as response:
+                assert response.status == 200, await response.text()
+                assert check(await response.json())
+
+    # Kill one middle-stage worker under load: only it is replaced, nothing fails.
+    before = {p.name: p.pid for p in kubelet.pods.values()}
+    victim = next(
+        kubelet.pods[p["metadata"]["name"]]
+        for p in pods
+        if p["metadata"]["labels"][builders.LABEL_STAGE] == "1"
+    )
+    async with ClosedLoop(url, toy_request, 4, timeout=20) as load:
+        await load.answered(20, timeout=TIMEOUT)
+        victim.process.send_signal(signal.SIGKILL)
+
+        async def replaced() -> str | None:
+            names = {p["metadata"]["name"] for p in await pods_of(api, "real")}
+            if victim.name in names or len(names) != 4:
+                return None
+            return await serving(api, kubelet, "real", 4)
+
+        await wait_until(replaced, TIMEOUT, "the killed worker replaced", interval=0.1)
+        await load.answered(20, timeout=TIMEOUT)
+    assert load.result.lost == 0, load.result.messages[:5]
+
+    after = {p.name: p.pid for p in kubelet.pods.values()}
+    survivors = {name: pid for name, pid in before.items() if name != victim.name}
+    assert {name: after.get(name) for name in survivors} == survivors  # no other restart
+    assert len(set(after) - set(before)) == 1
+
+    # Delete a middle-stage pod (kubectl delete pod): SIGTERM drains it, it is replaced.
+    before = after
+    gone = next(
+        p["metadata"]["name"]
+        for p in await pods_of(api, "real")
+        if p["metadata"]["labels"][builders.LABEL_STAGE] == "1"
+    )
+    deleted = kubelet.pods[gone]
+    async with ClosedLoop(url, toy_request, 4, timeout=20) as load:
+        await load.answered(20, timeout=TIMEOUT)
+        await api.delete("v1", "pods", "default", gone)
+        await wait_until(
+            lambda: deleted.process.poll() is not None, TIMEOUT, "the deleted pod's worker exit"
+        )
+
+        async def recreated() -> str | None:
+            if len(await pods_of(api, "real")) != 4:
+                return None
+            return await serving(api, kubelet, "real", 4)
+
+        await wait_until(recreated, TIMEOUT, "the deleted worker replaced", interval=0.1)
+        await load.answered(20, timeout=TIMEOUT)
+    assert load.result.lost == 0, load.result.messages[:5]
+    assert deleted.process.returncode == 0  # it drained and exited on SIGTERM, not killed
+    after = {p.name: p.pid for p in kubelet.pods.values()}
+    survivors = {name: pid for name, pid in before.items() if name != gone}
+    assert {name: after.get(name) for name in survivors} == survivors
+    assert len(set(after) - set(before)) == 1
