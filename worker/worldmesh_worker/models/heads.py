@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -94,6 +96,33 @@ def save_head(path: Path, head: nn.Linear, info: HeadInfo) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def record_head(
+    name: str,
+    recipe: int,
+    classes: tuple[str, ...],
+    head: nn.Linear,
+    l2: float,
+    train_rows: int,
+    predictions: np.ndarray,
+    test_labels: np.ndarray,
+    started: float,
+    cache: str | os.PathLike[str] | None,
+) -> HeadInfo:
+    """Score a freshly trained head on the test rows, save it with its info, return the info."""
+    info = HeadInfo(
+        model=name,
+        recipe=recipe,
+        classes=classes,
+        train_rows=train_rows,
+        test_rows=len(test_labels),
+        test_accuracy=float((predictions == test_labels).mean()),
+        l2=l2,
+        seconds=time.perf_counter() - started,
+    )
+    save_head(head_path(name, cache), head, info)
+    return info
 
 
 def load_head(

@@ -40,7 +40,7 @@ from worldmesh_worker.models.base import (
     frozen,
     require_input,
 )
-from worldmesh_worker.models.heads import HeadInfo, head_path, load_head, save_head
+from worldmesh_worker.models.heads import HeadInfo, load_head, record_head
 from worldmesh_worker.models.heads import train_linear_head as _train
 from worldmesh_worker.protocol import TensorSpec
 
@@ -215,15 +215,6 @@ def prepare_head(cache: str | os.PathLike[str] | None = None) -> HeadInfo:
     )
     with torch.inference_mode():
         pred = head(_embeddings(model, [test_texts[i] for i in te])).argmax(1).numpy()
-    info = HeadInfo(
-        model=NAME,
-        recipe=RECIPE,
-        classes=ROTTEN_TOMATOES_CLASSES,
-        train_rows=len(tr),
-        test_rows=len(te),
-        test_accuracy=float((pred == test_y[te]).mean()),
-        l2=l2,
-        seconds=time.perf_counter() - start,
+    return record_head(
+        NAME, RECIPE, ROTTEN_TOMATOES_CLASSES, head, l2, len(tr), pred, test_y[te], start, cache
     )
-    save_head(head_path(NAME, cache), head, info)
-    return info
