@@ -1,20 +1,34 @@
 """kopf embedded over HTTP against kmock's Kubernetes emulator.
 
-``Emulator`` adds what kopf needs and kmock leaves out: ``metadata.resourceVersion``,
-``uid`` and ``creationTimestamp`` on every created object (and a new resourceVersion on
-every patch). The ``operator`` fixture runs ``kopf.operator`` (standalone: no peering) in
-a task with a ``memo`` that points the handlers' API client at the emulator, and stops it
-on teardown. The login handler is registered here only, for the tests.
+``Emulator`` adds what kopf, kubectl and the operator need and kmock leaves out:
+``metadata.resourceVersion``, ``uid`` and ``creationTimestamp`` on every created object (a
+new resourceVersion on every patch), a new ``metadata.generation`` when the spec changes,
+``kind`` on lists, and the /scale subresource as the CRD declares it (an ``autoscaling/v1``
+Scale read from and written to the paths in ``subresources.scale``). It logs every call.
+
+``running_operator`` runs ``kopf.operator`` in a thread of its own, with a ``memo`` that
+points the handlers' API client at the emulator (standalone, or in a peering with a
+priority); the ``operator`` fixture is one such operator for a test.
+
+Least privilege, checked on every test here: each request the operator made (kopf's and
+its runtime's, told apart from the test's own by their User-Agent) must be allowed by the
+RBAC rules that ``helm template`` renders for the chart. Discovery paths (``/api``,
+``/apis/...`` without a resource) are open to every authenticated client in Kubernetes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import functools
 import itertools
+import subprocess
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,16 +36,48 @@ import attrs
 import kmock
 import kopf
 import pytest
+import yaml
 
 from worldmesh_operator import handlers  # noqa: F401  (registers the handlers)
-from worldmesh_operator.runtime.kube_api import KubeApi
+from worldmesh_operator.runtime.kube_api import USER_AGENT, KubeApi
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = yaml.safe_load((ROOT / "crds" / "modeldeployment.yaml").read_text())
+TEST_CLIENT = "worldmesh-tests"  #: the User-Agent of the tests' own API client
+OPERATOR_AGENTS = ("kopf/", USER_AGENT)  #: kopf's own client and the runtime's KubeApi
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    params: dict[str, str]
+    user_agent: str
+
+
+def _at(obj: dict[str, Any], path: str) -> Any:
+    """The value at a CRD JSON path such as ``.spec.replicas`` (None if absent)."""
+    for key in path.strip(".").split("."):
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
 
 
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
     _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    calls: list[Call] = attrs.field(factory=list, init=False)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        self.calls.append(
+            Call(
+                str(request.method).upper().removeprefix("METHOD."),
+                request.url.path,
+                dict(request.params),
+                request.headers.get("User-Agent", ""),
+            )
+        )
+        if request.subresource == "scale" and request.name is not None:
+            return await self._serve_scale(request)
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if request.action == kmock.action.CREATE:
@@ -45,6 +91,12 @@ class Emulator(kmock.KubernetesEmulator):
                 )
             if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
                 meta["resourceVersion"] = str(next(self._versions))
+            if (
+                request.action == kmock.action.UPDATE
+                and request.subresource is None
+                and "spec" in request.data
+            ):
+                meta["generation"] = int(self._current(request).get("generation", 1)) + 1
         elif request.action == kmock.action.UPDATE and isinstance(request.data, list):
             # A JSON patch: its "test" of the resourceVersion fails with 422, as the API's does.
             key = (request.resource, request.namespace, request.name)
@@ -69,6 +121,50 @@ class Emulator(kmock.KubernetesEmulator):
             )
         return await super()._handle(request)
 
+    def _current(self, request: kmock.Request) -> dict[str, Any]:
+        key = (request.resource, request.namespace, request.name)
+        return dict(self.objects[key].get("metadata", {})) if key in self.objects else {}
+
+    async def _serve_scale(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """GET or merge-PATCH an ``autoscaling/v1`` Scale, mapped by the CRD's scale paths."""
+        paths = CRD["spec"]["versions"][0]["subresources"]["scale"]
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects:
+            return aiohttp.web.json_response({"kind": "Status", "code": 404}, status=404)
+        if request.method == kmock.method.PATCH:
+            replicas = (request.data or {}).get("spec", {}).get("replicas")
+            if not isinstance(replicas, int):
+                return aiohttp.web.json_response({"kind": "Status", "code": 422}, status=422)
+            keys = paths["specReplicasPath"].strip(".").split(".")
+            patch: dict[str, Any] = {keys[-1]: replicas}
+            for k in reversed(keys[:-1]):
+                patch = {k: patch}
+            await self._handle(attrs.evolve(request, data=patch, subresource=None))
+        elif request.method != kmock.method.GET:
+            return aiohttp.web.json_response({"kind": "Status", "code": 405}, status=405)
+        obj = dict(self.objects[key])
+        meta = obj["metadata"]
+        return aiohttp.web.json_response(
+            {
+                "apiVersion": "autoscaling/v1",
+                "kind": "Scale",
+                "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion")},
+                "spec": {"replicas": _at(obj, paths["specReplicasPath"]) or 0},
+                "status": {
+                    "replicas": _at(obj, paths["statusReplicasPath"]) or 0,
+                    "selector": _at(obj, paths["labelSelectorPath"]) or "",
+                },
+            }
+        )
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        listed = await super()._serve_list(request)
+        resource = request.resource
+        assert resource is not None
+        version = f"{resource.group}/{resource.version}" if resource.group else resource.version
+        kind = RESOURCES.get(f"{version}/{resource.plural}", {}).get("kind")
+        return {"apiVersion": version, "kind": f"{kind}List", **listed} if kind else listed
+
 
 #: What the emulator's discovery serves; kopf waits for ``v1/namespaces`` even cluster-wide.
 RESOURCES: dict[str, dict[str, Any]] = {
@@ -78,6 +174,15 @@ RESOURCES: dict[str, dict[str, Any]] = {
         "singular": "namespace",
         "verbs": ["list", "watch", "get"],
         "shortnames": ["ns"],
+        "categories": [],
+        "subresources": [],
+    },
+    "kopf.dev/v1/clusterkopfpeerings": {
+        "namespaced": False,
+        "kind": "ClusterKopfPeering",
+        "singular": "clusterkopfpeering",
+        "verbs": ["list", "watch", "get", "patch", "create"],
+        "shortnames": [],
         "categories": [],
         "subresources": [],
     },
@@ -121,15 +226,80 @@ def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def emulator(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
+def emulator(kmock: kmock.KubernetesEmulator) -> Iterator[Emulator]:
     for key, info in RESOURCES.items():
         kmock.resources[key] = info
-    return kmock
+    assert isinstance(kmock, Emulator)
+    yield kmock
+    by_operator = [c for c in kmock.calls if c.user_agent.startswith(OPERATOR_AGENTS)]
+    denied = sorted(
+        {
+            f"{c.method} {c.path} -> {rule}"
+            for c in by_operator
+            if (rule := rbac_rule(c)) is not None and rule not in chart_rules()
+        }
+    )
+    assert not denied, "the operator made requests its RBAC does not allow:\n" + "\n".join(denied)
 
 
-@pytest.fixture
-async def operator(emulator: kmock.KubernetesEmulator) -> AsyncIterator[kopf.Memo]:
-    """kopf in a thread of its own: at exit it cancels every task left in its loop."""
+Rule = tuple[str, str, str]  #: (apiGroup, resource[/subresource], verb)
+
+
+@functools.cache
+def chart_rules() -> frozenset[Rule]:
+    """The rules of every ClusterRole that ``helm template`` renders with default values."""
+    helm = ROOT / "tools" / "helm"
+    if not helm.is_file():
+        pytest.fail(f"helm is not installed at {helm}: run `make tools` (part of `make setup`)")
+    out = subprocess.run(
+        [str(helm), "template", "wm", str(ROOT / "helm" / "worldmesh"), "-n", "wm"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return frozenset(
+        (group, resource, verb)
+        for doc in yaml.safe_load_all(out.stdout)
+        if doc and doc["kind"] == "ClusterRole"
+        for rule in doc["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    )
+
+
+def rbac_rule(call: Call) -> Rule | None:
+    """The (group, resource, verb) that RBAC checks for a call; None for discovery paths."""
+    parts = call.path.strip("/").split("/")
+    if parts[0] == "api" and len(parts) >= 2:
+        group, rest = "", parts[2:]
+    elif parts[0] == "apis" and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        rest = rest[2:]  # a namespaced resource (a lone /namespaces/NAME is the namespace)
+    if not rest:
+        return None
+    resource = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+    named = len(rest) > 1
+    verb = {
+        "GET": "get" if named else ("watch" if call.params.get("watch") else "list"),
+        "POST": "create",
+        "PATCH": "patch",
+        "PUT": "update",
+        "DELETE": "delete" if named else "deletecollection",
+    }[call.method]
+    return group, resource, verb
+
+
+@contextlib.asynccontextmanager
+async def running_operator(
+    emulator: Emulator, *, peering: str | None = None, priority: int = 0
+) -> AsyncIterator[kopf.Memo]:
+    """kopf in a thread of its own, standalone or in ``peering`` with ``priority``; its memo.
+    At exit it stops and cancels every task left in its loop."""
     url = str(emulator.url).rstrip("/")
     memo = kopf.Memo(api=KubeApi(url), image="worldmesh/worker:test", kube_url=url)
     ready, stop = threading.Event(), threading.Event()
@@ -137,17 +307,33 @@ async def operator(emulator: kmock.KubernetesEmulator) -> AsyncIterator[kopf.Mem
     def run() -> None:
         asyncio.run(
             kopf.operator(
-                standalone=True, clusterwide=True, memo=memo, ready_flag=ready, stop_flag=stop
+                standalone=peering is None,
+                peering_name=peering,
+                priority=priority,
+                clusterwide=True,
+                memo=memo,
+                ready_flag=ready,
+                stop_flag=stop,
             )
         )
 
-    thread = threading.Thread(target=run, name="kopf")
+    thread = threading.Thread(target=run, name=f"kopf-{priority}")
     thread.start()
     try:
         assert await asyncio.to_thread(ready.wait, 10), "kopf did not start"
-        async with KubeApi(url) as api:
-            yield kopf.Memo(api=api, operator=memo)
+        yield memo
     finally:
         stop.set()
         await asyncio.to_thread(thread.join, 20)
         assert not thread.is_alive(), "kopf did not stop"
+
+
+@pytest.fixture
+async def operator(emulator: Emulator) -> AsyncIterator[kopf.Memo]:
+    """One standalone operator; ``.api`` is the tests' own client, ``.operator`` its memo."""
+    url = str(emulator.url).rstrip("/")
+    async with (
+        running_operator(emulator) as memo,
+        KubeApi(url, user_agent=TEST_CLIENT) as api,
+    ):
+        yield kopf.Memo(api=api, operator=memo)

@@ -21,6 +21,7 @@ import aiohttp
 import yaml
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+USER_AGENT = "worldmesh-operator/0.1.0"
 
 
 class ApiError(RuntimeError):
@@ -54,9 +55,13 @@ class KubeApi:
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeout_s: float = 30.0,
+        user_agent: str = USER_AGENT,
     ) -> None:
         self.server = server.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # The API server's audit log names the caller by its User-Agent.
+        self._headers = {"User-Agent": user_agent}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
