@@ -24,9 +24,10 @@ import datetime
 import functools
 import itertools
 import subprocess
+import tempfile
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ import yaml
 
 from worldmesh_operator import handlers  # noqa: F401  (registers the handlers)
 from worldmesh_operator.runtime.kube_api import USER_AGENT, KubeApi
+
+from .kubelet import Kubelet
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "crds" / "modeldeployment.yaml").read_text())
@@ -58,7 +61,7 @@ class Call:
 def _at(obj: dict[str, Any], path: str) -> Any:
     """The value at a CRD JSON path such as ``.spec.replicas`` (None if absent)."""
     for key in path.strip(".").split("."):
-        obj = obj.get(key) if isinstance(obj, dict) else None
+        obj = obj.get(key) if isinstance(obj, Mapping) else None
     return obj
 
 
@@ -139,7 +142,15 @@ class Emulator(kmock.KubernetesEmulator):
             patch: dict[str, Any] = {keys[-1]: replicas}
             for k in reversed(keys[:-1]):
                 patch = {k: patch}
-            await self._handle(attrs.evolve(request, data=patch, subresource=None))
+            generation = int(self._current(request).get("generation", 1)) + 1
+            patch["metadata"] = {
+                "generation": generation,
+                "resourceVersion": str(next(self._versions)),
+            }
+            async with self._lock:  # as kmock applies a patch to the parent object
+                self._objects[key].patch(patch)
+                event = {"type": "MODIFIED", "object": self._objects[key].raw}
+                await self._buses[request.resource].put(event)
         elif request.method != kmock.method.GET:
             return aiohttp.web.json_response({"kind": "Status", "code": 405}, status=405)
         obj = dict(self.objects[key])
@@ -329,11 +340,26 @@ async def running_operator(
 
 
 @pytest.fixture
-async def operator(emulator: Emulator) -> AsyncIterator[kopf.Memo]:
+async def api(emulator: Emulator) -> AsyncIterator[KubeApi]:
+    """The tests' own API client (its User-Agent keeps it out of the RBAC check)."""
+    async with KubeApi(str(emulator.url).rstrip("/"), user_agent=TEST_CLIENT) as client:
+        yield client
+
+
+@pytest.fixture
+async def operator(emulator: Emulator, api: KubeApi) -> AsyncIterator[kopf.Memo]:
     """One standalone operator; ``.api`` is the tests' own client, ``.operator`` its memo."""
-    url = str(emulator.url).rstrip("/")
-    async with (
-        running_operator(emulator) as memo,
-        KubeApi(url, user_agent=TEST_CLIENT) as api,
-    ):
+    async with running_operator(emulator) as memo:
         yield kopf.Memo(api=api, operator=memo)
+
+
+@pytest.fixture
+async def kubelet(api: KubeApi) -> AsyncIterator[Kubelet]:
+    """A test kubelet running the emulator's worker pods as real processes (kubelet.py)."""
+    with tempfile.TemporaryDirectory(prefix="worldmesh-kubelet-") as workdir:
+        kubelet = Kubelet(api, Path(workdir))
+        await kubelet.start()
+        try:
+            yield kubelet
+        finally:
+            await kubelet.close()

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import signal
 import socket
-import tempfile
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import kopf
-import pytest
 
 from worldmesh_operator import builders
 from worldmesh_operator.runtime.kube_api import KubeApi
@@ -30,17 +26,6 @@ from .kubelet import Kubelet
 from .test_operator import MD, pods_of, status_of
 
 TIMEOUT = 30.0
-
-
-@pytest.fixture
-async def kubelet(operator: kopf.Memo) -> AsyncIterator[Kubelet]:
-    with tempfile.TemporaryDirectory(prefix="worldmesh-kubelet-") as workdir:
-        kubelet = Kubelet(operator.api, Path(workdir))
-        await kubelet.start()
-        try:
-            yield kubelet
-        finally:
-            await kubelet.close()
 
 
 def free_port() -> int:
