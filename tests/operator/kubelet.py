@@ -6,9 +6,9 @@ it gives the pod an address of its own, ``127.0.0.N`` (N from 2 upward, unique; 
 ``worldmesh.io/config`` annotation to a file (``host`` set to the pod IP, the ports from
 the container's ``ports``, ``tokenFile`` pointing at a file holding the token of the Secret
 the pod mounts), starts ``python -m worldmesh_worker --config FILE`` and reports back on
-the pod: ``status.podIP``, phase ``Running``, the ``Ready`` condition True once
-``GET /v2/health/live`` answers 200, and phase ``Failed`` (with the exit code) when the
-process exits. A pod that disappears from the emulator is terminated: SIGTERM (the
+the pod: ``status.podIP``, phase ``Running``, the ``Ready`` condition from the pod's own
+``readinessProbe`` (True while it answers 200, probed every ``probe_period_s``), and phase
+``Failed`` (with the exit code) when the process exits. A pod that disappears from the emulator is terminated: SIGTERM (the
 worker drains), then SIGKILL after ``grace_s``. ``close()`` stops every process.
 
 Everything is polled with deadlines; nothing binds outside loopback.
@@ -47,7 +47,9 @@ class RunningPod:
     control_port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    readiness_path: str
     ready: bool = False
+    probed_at: float = 0.0
     reported_exit: bool = False
 
     @property
@@ -65,6 +67,7 @@ class Kubelet:
     workdir: Path
     namespace: str = "default"
     interval_s: float = 0.05
+    probe_period_s: float = 0.2
     grace_s: float = 10.0
     pods: dict[str, RunningPod] = field(default_factory=dict)  # live, by pod name
     history: list[RunningPod] = field(default_factory=list)  # every pod ever started
@@ -163,8 +166,10 @@ class Kubelet:
                 stdin=subprocess.DEVNULL,
                 env={k: v for k, v in os.environ.items() if k != "WORLDMESH_TOKEN"},
             )
+        probe = container["readinessProbe"]["httpGet"]
+        assert probe["port"] == "http", probe
         running = RunningPod(
-            name, meta["uid"], ip, ports["http"], ports["control"], process, log_path
+            name, meta["uid"], ip, ports["http"], ports["control"], process, log_path, probe["path"]
         )
         self.pods[name] = running
         self.history.append(running)
@@ -200,17 +205,20 @@ class Kubelet:
                     },
                 )
             return
-        if pod.ready:
+        now = asyncio.get_running_loop().time()
+        if now - pod.probed_at < self.probe_period_s:
             return
+        pod.probed_at = now
         assert self._session is not None
-        try:
-            async with self._session.get(pod.http_url + "/v2/health/live") as response:
-                live = response.status == 200
+        try:  # the pod's own readinessProbe, as a kubelet probes it
+            async with self._session.get(pod.http_url + pod.readiness_path) as response:
+                ready = response.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
-            live = False
-        if live:
-            pod.ready = True
-            await self._report(pod, {"conditions": [{"type": "Ready", "status": "True"}]})
+            ready = False
+        if ready != pod.ready:
+            pod.ready = ready
+            status = "True" if ready else "False"
+            await self._report(pod, {"conditions": [{"type": "Ready", "status": status}]})
 
     async def _report(self, pod: RunningPod, status: dict[str, Any]) -> None:
         with contextlib.suppress(NotFound):  # deleted meanwhile: nothing to report on
