@@ -6,6 +6,8 @@
 - Killing a middle-stage worker, then deleting a middle-stage pod, each under a closed
   loop: the operator replaces the pod, no other worker restarts (same pids) and no
   request fails; the deleted pod's worker drains on SIGTERM and exits 0.
+- A frozen (SIGSTOPped) middle-stage worker under load: its pod is replaced, the other
+  workers keep their pids, no request fails.
 """
 
 from __future__ import annotations
@@ -150,3 +152,41 @@ async def test_real_workers_serve_and_killed_or_deleted_ones_are_replaced(
     survivors = {name: pid for name, pid in before.items() if name != gone}
     assert {name: after.get(name) for name in survivors} == survivors
     assert len(set(after) - set(before)) == 1
+
+
+async def test_a_frozen_worker_is_replaced_under_load(
+    operator: kopf.Memo, kubelet: Kubelet
+) -> None:
+    """SIGSTOP: the process lives but answers nothing. Its peers break its worlds, the
+    operator finds its control API silent, and the pod is replaced; no request fails."""
+    api: KubeApi = operator.api
+    await api.create("modeldeployments", manifest("frozen"))
+
+    async def up() -> str | None:
+        return await serving(api, kubelet, "frozen", 4)
+
+    front = await wait_until(up, TIMEOUT, "the deployment serving", interval=0.1)
+    pods = await pods_of(api, "frozen")
+    victim = next(
+        kubelet.pods[p["metadata"]["name"]]
+        for p in pods
+        if p["metadata"]["labels"][builders.LABEL_STAGE] == "1"
+    )
+    before = {p.name: p.pid for p in kubelet.pods.values()}
+    async with ClosedLoop(f"{front}/v2/models/frozen/infer", toy_request, 4, timeout=20) as load:
+        await load.answered(20, timeout=TIMEOUT)
+        victim.process.send_signal(signal.SIGSTOP)
+
+        async def replaced() -> str | None:
+            names = {p["metadata"]["name"] for p in await pods_of(api, "frozen")}
+            if victim.name in names or len(names) != 4:
+                return None
+            return await up()
+
+        await wait_until(replaced, TIMEOUT, "the frozen worker replaced", interval=0.1)
+        await load.answered(20, timeout=TIMEOUT)
+    assert load.result.lost == 0, load.result.messages[:5]
+    after = {p.name: p.pid for p in kubelet.pods.values()}
+    survivors = {name: pid for name, pid in before.items() if name != victim.name}
+    assert {name: after.get(name) for name in survivors} == survivors
+    await wait_until(lambda: victim.process.poll() is not None, TIMEOUT, "the frozen one gone")
