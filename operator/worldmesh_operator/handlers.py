@@ -7,8 +7,8 @@
   a ``kopf.PermanentError``: this deployment waits for a new spec, others go on), make
   sure the Secret and Services exist, and run one reconcile step.
 - a timer every ``RECONCILE_INTERVAL_S``: observe -> plan -> apply, then the status
-  (conditions, counts, endpoint, /scale fields) and an Event per start, drain and
-  replacement. Level-based: a restarted operator adopts the pods it finds.
+  (conditions, counts, endpoint, /scale fields) and an Event per scale, start, drain
+  and replacement. Level-based: a restarted operator adopts the pods it finds.
 - delete: drain every worker, delete the pods, then the Services and the Secret.
 - pod events: a failed worker pod is a Warning Event on its ModelDeployment.
 
@@ -46,6 +46,7 @@ class Managed:
     runtime: KubernetesRuntime
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ensured: bool = False
+    workers: dict[int, int] = field(default_factory=dict)  #: desired per stage, last step
 
 
 @kopf.on.startup()
@@ -171,6 +172,7 @@ async def _step(
             await managed.runtime.ensure_objects()
             managed.ensured = True
         desired = desired_of(managed.spec, {})
+        _announce_scale(body, managed, {s.index: s.workers for s in desired.stages})
         observed = await managed.runtime.observe()
         actions = plan(desired, observed, _new_id(managed))
         dead = {w.id for w in observed.workers if w.state is WorkerState.DEAD}
@@ -209,6 +211,16 @@ def _announce(body: kopf.Body, action: Action, dead: set[str], managed: Managed)
         failures = [f for f in managed.runtime.failures if action.worker_id in f]
         message = failures[0] if failures else f"worker {action.worker_id} is dead"
         kopf.warn(body, reason="WorkerReplaced", message=message)
+
+
+def _announce_scale(body: kopf.Body, managed: Managed, workers: dict[int, int]) -> None:
+    """A ``Scaled`` Event for each stage whose desired worker count changed."""
+    for stage, count in workers.items():
+        before = managed.workers.get(stage)
+        if before is not None and before != count:
+            name = managed.spec.stages[stage].name
+            kopf.info(body, reason="Scaled", message=f"stage {name}: {before} -> {count} workers")
+    managed.workers = workers
 
 
 def _new_id(managed: Managed) -> Any:

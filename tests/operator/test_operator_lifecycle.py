@@ -4,7 +4,8 @@
   grows the stage that ``spec.scaleTarget`` names from 1 to 3 real workers with their
   worlds; a spec edit (``spec.replicas: 1``) shrinks it again. All under a closed loop of
   requests: none fails, and each removed worker was drained (a WorkerDraining Event) and
-  exited 0 on its own; the /scale subresource reports the stage's workers.
+  exited 0 on its own; each change is a Scaled Event; the /scale subresource reports the
+  stage's workers.
 - The operator stopped mid-way (pods created, worlds not yet all open) and started again:
   the new one adopts the pods (same names, same processes, never more pods than desired)
   and the status converges; restarted again under load, no request fails and nothing is
@@ -133,6 +134,10 @@ async def test_kubectl_scale_and_a_spec_edit_scale_a_stage_under_load(
         TIMEOUT,
         "a WorkerDraining event for each removed worker",
         interval=0.1,
+    )
+    scaled = ["stage middle: 1 -> 3 workers", "stage middle: 3 -> 1 workers"]
+    await wait_until(
+        lambda: events(emulator, "Scaled") == scaled, TIMEOUT, "a Scaled event each way", 0.1
     )
     body = await api.get(MD, "modeldeployments", "default", "elastic")
     assert body["metadata"]["generation"] == 3  # created, scaled, edited
