@@ -175,6 +175,9 @@ def build_worker_pod(
         "livenessProbe": probe("/v2/health/live", 5, 6),
         # Loading a model can take a while: liveness starts counting once it serves.
         "startupProbe": probe("/v2/health/live", 2, 150),
+        # A worker that dies before it serves (a model that cannot load) tells why: the
+        # tail of its log becomes the termination message that the operator reports.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},

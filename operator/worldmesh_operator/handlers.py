@@ -47,6 +47,7 @@ class Managed:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ensured: bool = False
     workers: dict[int, int] = field(default_factory=dict)  #: desired per stage, last step
+    last_failure: str = ""  #: the latest worker failure, until the deployment is Ready
 
 
 @kopf.on.startup()
@@ -185,9 +186,16 @@ async def _step(
     for w in observed.workers:
         if w.state in (WorkerState.STARTING, WorkerState.READY):
             workers.setdefault(w.stage, []).append(w.id)
+    summary = summarize(desired, observed)
+    # A crash loop alternates Degraded and Pending: keep saying why until Ready.
+    managed.last_failure = (managed.runtime.failures or [managed.last_failure])[-1]
+    if summary["phase"] == "Ready":
+        managed.last_failure = ""
+    elif managed.last_failure:
+        summary["reason"] += f"; last failure: {managed.last_failure}"
     status = builders.build_status(
         managed.spec,
-        summarize(desired, observed),
+        summary,
         workers,
         generation,
         body.get("status", {}).get("conditions", []),

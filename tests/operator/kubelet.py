@@ -8,8 +8,9 @@ the container's ``ports``, ``tokenFile`` pointing at a file holding the token of
 the pod mounts), starts ``python -m worldmesh_worker --config FILE`` and reports back on
 the pod: ``status.podIP``, phase ``Running``, the ``Ready`` condition from the pod's own
 ``readinessProbe`` (True while it answers 200, probed every ``probe_period_s``), and phase
-``Failed`` (with the exit code) when the process exits. A pod that disappears from the emulator is terminated: SIGTERM (the
-worker drains), then SIGKILL after ``grace_s``. ``close()`` stops every process.
+``Failed`` (with the exit code, and the log's tail as the termination message under
+``FallbackToLogsOnError``) when the process exits. A pod that disappears from the
+emulator is terminated: SIGTERM (the worker drains), then SIGKILL after ``grace_s``. ``close()`` stops every process.
 
 Everything is polled with deadlines; nothing binds outside loopback.
 """
@@ -48,6 +49,7 @@ class RunningPod:
     process: subprocess.Popen[bytes]
     log_path: Path
     readiness_path: str
+    message_policy: str
     ready: bool = False
     probed_at: float = 0.0
     reported_exit: bool = False
@@ -59,6 +61,12 @@ class RunningPod:
     @property
     def http_url(self) -> str:
         return f"http://{self.ip}:{self.http_port}"
+
+    def termination_message(self, code: int) -> str:
+        """``FallbackToLogsOnError``: on a failure, the log's last 2 KiB (as a kubelet does)."""
+        if code == 0 or self.message_policy != "FallbackToLogsOnError":
+            return ""
+        return self.log_path.read_bytes()[-2048:].decode(errors="replace")
 
 
 @dataclass
@@ -169,7 +177,15 @@ class Kubelet:
         probe = container["readinessProbe"]["httpGet"]
         assert probe["port"] == "http", probe
         running = RunningPod(
-            name, meta["uid"], ip, ports["http"], ports["control"], process, log_path, probe["path"]
+            name,
+            meta["uid"],
+            ip,
+            ports["http"],
+            ports["control"],
+            process,
+            log_path,
+            probe["path"],
+            container.get("terminationMessagePolicy", "File"),
         )
         self.pods[name] = running
         self.history.append(running)
@@ -199,7 +215,13 @@ class Kubelet:
                             {
                                 "name": "worker",
                                 "ready": False,
-                                "state": {"terminated": {"exitCode": code, "reason": "Error"}},
+                                "state": {
+                                    "terminated": {
+                                        "exitCode": code,
+                                        "reason": "Error",
+                                        "message": pod.termination_message(code),
+                                    }
+                                },
                             }
                         ],
                     },

@@ -8,6 +8,8 @@
   request fails; the deleted pod's worker drains on SIGTERM and exits 0.
 - A frozen (SIGSTOPped) middle-stage worker under load: its pod is replaced, the other
   workers keep their pids, no request fails.
+- A model that cannot load (the schema admits any ``module:function``): Degraded, with the
+  worker's own error in the message.
 """
 
 from __future__ import annotations
@@ -190,3 +192,26 @@ async def test_a_frozen_worker_is_replaced_under_load(
     survivors = {name: pid for name, pid in before.items() if name != victim.name}
     assert {name: after.get(name) for name in survivors} == survivors
     await wait_until(lambda: victim.process.poll() is not None, TIMEOUT, "the frozen one gone")
+
+
+async def test_a_model_that_cannot_load_is_degraded_with_the_workers_error(
+    operator: kopf.Memo, kubelet: Kubelet
+) -> None:
+    """The schema admits any ``module:function`` model; the workers die loading it. The
+    status says Degraded with the worker's own last log line, and the pods are replaced
+    (never more than desired) while the spec stays wrong."""
+    api: KubeApi = operator.api
+    body = manifest("unloadable")
+    body["spec"]["model"]["name"] = "no_such_package.models:build"
+    await api.create("modeldeployments", body)
+
+    async def degraded() -> dict[str, Any] | None:
+        status = await status_of(api, "unloadable")
+        assert len(await pods_of(api, "unloadable")) <= 4
+        conditions = {c["type"]: c for c in status.get("conditions", [])}
+        condition = conditions.get("Degraded", {})
+        return condition if "no_such_package" in condition.get("message", "") else None
+
+    condition = await wait_until(degraded, TIMEOUT, "Degraded with the worker's error", 0.1)
+    assert "No module named 'no_such_package'" in condition["message"], condition
+    assert (await status_of(api, "unloadable"))["readyWorkers"] == 0

@@ -269,6 +269,10 @@ def _failure(pod: dict[str, Any]) -> str:
             reason = (
                 reason or f"exit code {terminated.get('exitCode')} ({terminated.get('reason')})"
             )
+            # The termination message (the log's tail): its last line says why, usually.
+            last = [line for line in (terminated.get("message") or "").splitlines() if line]
+            if last:
+                reason += f": {last[-1][:300]}"
     phase = status.get("phase", "Running")
     return f"worker {pod['metadata']['name']} failed ({phase}{': ' + reason if reason else ''})"
 
