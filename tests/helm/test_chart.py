@@ -4,6 +4,9 @@ Behaviours covered:
 - `helm lint --strict` passes with the default values and with every optional part on
   (`ci/all-on-values.yaml`); `helm template` renders both, and the PodMonitor appears when
   asked for or when the cluster serves monitoring.coreos.com/v1.
+- The PrometheusRule (asked for, or auto-detected) is the plain rules file
+  rules/worldmesh.rules.yaml with the operator selector of the values, and promtool accepts
+  it; the dashboard ConfigMaps carry the sidecar label and exactly dashboards/*.json.
 - Bad values (a typo'd key, a wrong enum, a negative replica count, a bad pull policy) make
   both `helm lint` and `helm template` fail, and the error names the value.
 - The chart's CRD is byte-equal to the top-level crds/modeldeployment.yaml.
@@ -48,7 +51,7 @@ RELEASE, NAMESPACE = "wm", "worldmesh-system"
 FULLNAME = f"{RELEASE}-worldmesh"
 # 1.28: the CRD's CEL rules use x-kubernetes-validations[].fieldPath (the chart's kubeVersion).
 K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
-CUSTOM_KINDS = {"ClusterKopfPeering", "KopfPeering", "PodMonitor"}
+CUSTOM_KINDS = {"ClusterKopfPeering", "KopfPeering", "PodMonitor", "PrometheusRule"}
 
 Rule = tuple[str, str, str]  # (apiGroup, resource, verb)
 
@@ -148,6 +151,7 @@ def test_all_on_render_has_every_optional_part() -> None:
     assert kinds.count("Role") == kinds.count("RoleBinding") == 2
     assert kinds.count("KopfPeering") == kinds.count("NetworkPolicy") == 2
     assert "PodMonitor" in kinds and "ClusterKopfPeering" not in kinds
+    assert "PrometheusRule" in kinds and kinds.count("ConfigMap") == 2
     assert {d["metadata"]["namespace"] for d in by_kind(docs, "Role")} == {"serving", "staging"}
 
 
@@ -165,6 +169,11 @@ BAD_VALUES = [
     (["--set", "operator.replicas=-1"], "/operator/replicas"),
     (["--set", "worker.image.pullPolicy=Sometimes"], "/worker/image/pullPolicy"),
     (["--set", "networkPolicy.enabld=false"], "enabld"),
+    (["--set", "monitoring.dashboards.enabeld=true"], "enabeld"),
+    (
+        ["--set-string", "monitoring.prometheusRule.operatorSelector=operator"],
+        "/monitoring/prometheusRule/operatorSelector",
+    ),
 ]
 
 
@@ -179,6 +188,45 @@ def test_bad_values_fail_naming_the_value(command: str, args: list[str], named: 
 def test_chart_crd_is_byte_equal_to_the_top_level_crd() -> None:
     top = (ROOT / "crds" / "modeldeployment.yaml").read_bytes()
     assert (CHART / "crds" / "modeldeployment.yaml").read_bytes() == top
+
+
+# --- dashboards and alert rules ------------------------------------------------------------
+
+
+def test_prometheus_rule_is_the_rules_file_with_the_operator_selector(tmp_path: Path) -> None:
+    (rule,) = by_kind(render(*ALL_ON_ARGS), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    text = (CHART / "rules" / "worldmesh.rules.yaml").read_text()
+    assert 'absent(up{job="worldmesh-operator"} == 1)' in text
+    expected = yaml.safe_load(text.replace('job="worldmesh-operator"', 'job="wm-operator"'))
+    assert rule["spec"]["groups"] == expected["groups"]
+    rendered = tmp_path / "rendered.rules.yaml"
+    rendered.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    out = subprocess.run(
+        ["promtool", "check", "rules", str(rendered)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_prometheus_rule_is_rendered_when_the_cluster_serves_its_api() -> None:
+    assert not by_kind(render(), "PrometheusRule")
+    api = ("--api-versions", "monitoring.coreos.com/v1/PrometheusRule")
+    assert by_kind(render(*api), "PrometheusRule")
+    off = render(*api, "--set", "monitoring.prometheusRule.autoDetect=false")
+    assert not by_kind(off, "PrometheusRule")
+
+
+def test_dashboard_config_maps_carry_the_sidecar_label_and_the_json() -> None:
+    assert not by_kind(render(), "ConfigMap")
+    maps = by_kind(render(*ALL_ON_ARGS), "ConfigMap")
+    files = sorted((CHART / "dashboards").glob("*.json"))
+    assert files and len(maps) == len(files)
+    for config_map in maps:
+        assert config_map["metadata"]["namespace"] == "monitoring"
+        assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert config_map["metadata"]["annotations"] == {"grafana_folder": "worldmesh"}
+    data = {k: v for m in maps for k, v in m["data"].items()}
+    assert data == {f.name: f.read_text() for f in files}
 
 
 # --- every manifest against the Kubernetes API schemas -----------------------------------
