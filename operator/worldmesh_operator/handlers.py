@@ -47,7 +47,7 @@ class Managed:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ensured: bool = False
     workers: dict[int, int] = field(default_factory=dict)  #: desired per stage, last step
-    last_failure: str = ""  #: the latest worker failure, until the deployment is Ready
+    last_failure: str = ""  #: a worker failure seen by a recent step, until Ready
 
 
 @kopf.on.startup()
@@ -177,9 +177,10 @@ async def _step(
         observed = await managed.runtime.observe()
         actions = plan(desired, observed, _new_id(managed))
         dead = {w.id for w in observed.workers if w.state is WorkerState.DEAD}
+        failures = list(managed.runtime.failures)  # this observation's (a step may follow)
         errors = await managed.runtime.apply(actions)
     for action in actions:
-        _announce(body, action, dead, managed)
+        _announce(body, action, dead, failures)
     for error in errors:
         kopf.warn(body, reason="ActionFailed", message=error)
     workers: dict[int, list[str]] = {}
@@ -188,7 +189,7 @@ async def _step(
             workers.setdefault(w.stage, []).append(w.id)
     summary = summarize(desired, observed)
     # A crash loop alternates Degraded and Pending: keep saying why until Ready.
-    managed.last_failure = (managed.runtime.failures or [managed.last_failure])[-1]
+    managed.last_failure = (failures or [managed.last_failure])[-1]
     if summary["phase"] == "Ready":
         managed.last_failure = ""
     elif managed.last_failure:
@@ -206,7 +207,7 @@ async def _step(
         patch.status.update(status)
 
 
-def _announce(body: kopf.Body, action: Action, dead: set[str], managed: Managed) -> None:
+def _announce(body: kopf.Body, action: Action, dead: set[str], failures: list[str]) -> None:
     if isinstance(action, StartWorker):
         kopf.info(
             body, reason="WorkerStarting", message=f"stage {action.stage}: {action.worker_id}"
@@ -216,8 +217,8 @@ def _announce(body: kopf.Body, action: Action, dead: set[str], managed: Managed)
             body, reason="WorkerDraining", message=f"{action.worker_id} (scale down or update)"
         )
     elif isinstance(action, StopWorker) and action.worker_id in dead:
-        failures = [f for f in managed.runtime.failures if action.worker_id in f]
-        message = failures[0] if failures else f"worker {action.worker_id} is dead"
+        why = [f for f in failures if action.worker_id in f]
+        message = why[0] if why else f"worker {action.worker_id} is dead"
         kopf.warn(body, reason="WorkerReplaced", message=message)
 
 

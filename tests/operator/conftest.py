@@ -2,17 +2,18 @@
 
 ``Emulator`` adds what kopf, kubectl and the operator need and kmock leaves out:
 ``metadata.resourceVersion``, ``uid`` and ``creationTimestamp`` on every created object (a
-new resourceVersion on every patch), a new ``metadata.generation`` when the spec changes,
-``kind`` on lists, and the /scale subresource as the CRD declares it (an ``autoscaling/v1``
-Scale read from and written to the paths in ``subresources.scale``). It logs every call.
+new resourceVersion on every patch), a new ``metadata.generation`` when a patch or an
+update really changes the spec, ``kind`` on lists, and the /scale subresource as the CRD
+declares it (an ``autoscaling/v1`` Scale read from and written to the paths in
+``subresources.scale``). It logs every call.
 
 ``running_operator`` runs ``kopf.operator`` in a thread of its own, with a ``memo`` that
 points the handlers' API client at the emulator (standalone, or in a peering with a
 priority); the ``operator`` fixture is one such operator for a test.
 
-Least privilege, checked on every test here: each request the operator made (kopf's and
-its runtime's, told apart from the test's own by their User-Agent) must be allowed by the
-RBAC rules that ``helm template`` renders for the chart. Discovery paths (``/api``,
+Least privilege, checked on every test here: each request the operator made (every client
+but the tests' own and kubectl, told apart by their User-Agent) must be allowed by the RBAC
+rules that ``helm template`` renders for the chart. Discovery paths (``/api``,
 ``/apis/...`` without a resource) are open to every authenticated client in Kubernetes.
 """
 
@@ -40,14 +41,15 @@ import pytest
 import yaml
 
 from worldmesh_operator import handlers  # noqa: F401  (registers the handlers)
-from worldmesh_operator.runtime.kube_api import USER_AGENT, KubeApi
+from worldmesh_operator.runtime.kube_api import KubeApi
 
 from .kubelet import Kubelet
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "crds" / "modeldeployment.yaml").read_text())
 TEST_CLIENT = "worldmesh-tests"  #: the User-Agent of the tests' own API client
-OPERATOR_AGENTS = ("kopf/", USER_AGENT)  #: kopf's own client and the runtime's KubeApi
+#: Clients that are not the operator: the tests' own and kubectl (a user, in the tests).
+NOT_OPERATOR = (TEST_CLIENT, "kubectl/")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,28 @@ class Call:
     path: str
     params: dict[str, str]
     user_agent: str
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy as plain dicts and lists (kmock stores its own mapping types)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _merged(target: Any, patch: Any) -> Any:
+    """``patch`` applied to ``target`` as a JSON merge patch (RFC 7386)."""
+    if not isinstance(patch, Mapping):
+        return patch
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merged(result.get(key), value)
+    return result
 
 
 def _at(obj: dict[str, Any], path: str) -> Any:
@@ -99,7 +123,12 @@ class Emulator(kmock.KubernetesEmulator):
                 and request.subresource is None
                 and "spec" in request.data
             ):
-                meta["generation"] = int(self._current(request).get("generation", 1)) + 1
+                old = _plain(self._current(request).get("spec"))
+                new = request.data["spec"]
+                if request.method == kmock.method.PATCH:  # a merge patch (kopf's and ours)
+                    new = _merged(old, new)
+                if new != old:  # as the API server: only a real spec change is a generation
+                    meta["generation"] = int(self._current(request)["metadata"]["generation"]) + 1
         elif request.action == kmock.action.UPDATE and isinstance(request.data, list):
             # A JSON patch: its "test" of the resourceVersion fails with 422, as the API's does.
             key = (request.resource, request.namespace, request.name)
@@ -125,26 +154,29 @@ class Emulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
     def _current(self, request: kmock.Request) -> dict[str, Any]:
+        """The stored object that ``request`` addresses ({} if none)."""
         key = (request.resource, request.namespace, request.name)
-        return dict(self.objects[key].get("metadata", {})) if key in self.objects else {}
+        return _plain(self.objects[key]) if key in self.objects else {}
 
     async def _serve_scale(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        """GET or merge-PATCH an ``autoscaling/v1`` Scale, mapped by the CRD's scale paths."""
+        """GET, merge-PATCH or PUT an ``autoscaling/v1`` Scale, mapped by the CRD's scale
+        paths: a new replica count is a spec change (a new generation)."""
         paths = CRD["spec"]["versions"][0]["subresources"]["scale"]
         key = (request.resource, request.namespace, request.name)
         if key not in self.objects:
             return aiohttp.web.json_response({"kind": "Status", "code": 404}, status=404)
-        if request.method == kmock.method.PATCH:
+        if request.method in (kmock.method.PATCH, kmock.method.PUT):
             replicas = (request.data or {}).get("spec", {}).get("replicas")
             if not isinstance(replicas, int):
                 return aiohttp.web.json_response({"kind": "Status", "code": 422}, status=422)
+            current = self._current(request)
             keys = paths["specReplicasPath"].strip(".").split(".")
             patch: dict[str, Any] = {keys[-1]: replicas}
             for k in reversed(keys[:-1]):
                 patch = {k: patch}
-            generation = int(self._current(request).get("generation", 1)) + 1
+            generation = int(current["metadata"]["generation"])
             patch["metadata"] = {
-                "generation": generation,
+                "generation": generation + (replicas != _at(current, paths["specReplicasPath"])),
                 "resourceVersion": str(next(self._versions)),
             }
             async with self._lock:  # as kmock applies a patch to the parent object
@@ -242,7 +274,7 @@ def emulator(kmock: kmock.KubernetesEmulator) -> Iterator[Emulator]:
         kmock.resources[key] = info
     assert isinstance(kmock, Emulator)
     yield kmock
-    by_operator = [c for c in kmock.calls if c.user_agent.startswith(OPERATOR_AGENTS)]
+    by_operator = [c for c in kmock.calls if not c.user_agent.startswith(NOT_OPERATOR)]
     denied = sorted(
         {
             f"{c.method} {c.path} -> {rule}"
@@ -258,7 +290,9 @@ Rule = tuple[str, str, str]  #: (apiGroup, resource[/subresource], verb)
 
 @functools.cache
 def chart_rules() -> frozenset[Rule]:
-    """The rules of every ClusterRole that ``helm template`` renders with default values."""
+    """The rules of every ClusterRole that ``helm template`` renders with default values
+    (every namespace served; the per-namespace Roles of ``watchNamespaces`` grant the same
+    namespaced rules, as tests/helm/test_chart.py checks)."""
     helm = ROOT / "tools" / "helm"
     if not helm.is_file():
         pytest.fail(f"helm is not installed at {helm}: run `make tools` (part of `make setup`)")
@@ -289,20 +323,24 @@ def rbac_rule(call: Call) -> Rule | None:
         group, rest = parts[1], parts[3:]
     else:
         return None
-    if rest[:1] == ["namespaces"] and len(rest) >= 3:
-        rest = rest[2:]  # a namespaced resource (a lone /namespaces/NAME is the namespace)
+    namespace_subresource = group == "" and len(rest) == 3 and rest[2] in ("status", "finalize")
+    if rest[:1] == ["namespaces"] and len(rest) >= 3 and not namespace_subresource:
+        rest = rest[2:]  # in a namespace (/api/v1/namespaces/N/status is the namespace's own)
     if not rest:
         return None
     resource = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
     named = len(rest) > 1
-    verb = {
-        "GET": "get" if named else ("watch" if call.params.get("watch") else "list"),
+    watch = call.params.get("watch", "").lower() in ("true", "1")
+    verbs = {
+        "GET": "get" if named else ("watch" if watch else "list"),
+        "HEAD": "get" if named else "list",
         "POST": "create",
         "PATCH": "patch",
         "PUT": "update",
         "DELETE": "delete" if named else "deletecollection",
-    }[call.method]
-    return group, resource, verb
+    }
+    assert call.method in verbs, f"an API call the RBAC check cannot map: {call}"
+    return group, resource, verbs[call.method]
 
 
 @contextlib.asynccontextmanager

@@ -7,10 +7,11 @@ it gives the pod an address of its own, ``127.0.0.N`` (N from 2 upward, unique; 
 the container's ``ports``, ``tokenFile`` pointing at a file holding the token of the Secret
 the pod mounts), starts ``python -m worldmesh_worker --config FILE`` and reports back on
 the pod: ``status.podIP``, phase ``Running``, the ``Ready`` condition from the pod's own
-``readinessProbe`` (True while it answers 200, probed every ``probe_period_s``), and phase
-``Failed`` (with the exit code, and the log's tail as the termination message under
-``FallbackToLogsOnError``) when the process exits. A pod that disappears from the
-emulator is terminated: SIGTERM (the worker drains), then SIGKILL after ``grace_s``. ``close()`` stops every process.
+``readinessProbe`` (simplified: one probe every ``probe_period_s``, Ready follows each
+answer), and phase ``Failed`` (with the exit code, and the log's tail as the termination
+message under ``FallbackToLogsOnError``) when the process exits. A pod that disappears
+from the emulator is terminated: SIGTERM (the worker drains), then SIGKILL after
+``grace_s``. ``close()`` stops every process.
 
 Everything is polled with deadlines; nothing binds outside loopback.
 """
@@ -63,10 +64,12 @@ class RunningPod:
         return f"http://{self.ip}:{self.http_port}"
 
     def termination_message(self, code: int) -> str:
-        """``FallbackToLogsOnError``: on a failure, the log's last 2 KiB (as a kubelet does)."""
+        """``FallbackToLogsOnError``: on a failure, the log's tail, at most 80 lines and
+        2 KiB (as a kubelet does; the worker writes no termination-log file)."""
         if code == 0 or self.message_policy != "FallbackToLogsOnError":
             return ""
-        return self.log_path.read_bytes()[-2048:].decode(errors="replace")
+        lines = self.log_path.read_bytes().splitlines(keepends=True)[-80:]
+        return b"".join(lines)[-2048:].decode(errors="replace")
 
 
 @dataclass
@@ -165,6 +168,8 @@ class Kubelet:
         )
         config_path = pod_dir / "config.json"
         config_path.write_text(json.dumps(config))
+        probe = container["readinessProbe"]["httpGet"]
+        assert probe["port"] == "http", probe
         log_path = pod_dir / "worker.log"
         with log_path.open("wb") as out:
             process = subprocess.Popen(
@@ -174,8 +179,6 @@ class Kubelet:
                 stdin=subprocess.DEVNULL,
                 env={k: v for k, v in os.environ.items() if k != "WORLDMESH_TOKEN"},
             )
-        probe = container["readinessProbe"]["httpGet"]
-        assert probe["port"] == "http", probe
         running = RunningPod(
             name,
             meta["uid"],
@@ -209,7 +212,6 @@ class Kubelet:
                     pod,
                     {
                         "phase": "Failed",
-                        "reason": "Error",
                         "conditions": [{"type": "Ready", "status": "False"}],
                         "containerStatuses": [
                             {
@@ -232,7 +234,7 @@ class Kubelet:
             return
         pod.probed_at = now
         assert self._session is not None
-        try:  # the pod's own readinessProbe, as a kubelet probes it
+        try:  # the pod's own readinessProbe path
             async with self._session.get(pod.http_url + pod.readiness_path) as response:
                 ready = response.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):

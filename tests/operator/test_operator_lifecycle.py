@@ -7,9 +7,9 @@
   exited 0 on its own; each change is a Scaled Event; the /scale subresource reports the
   stage's workers.
 - The operator stopped mid-way (pods created, worlds not yet all open) and started again:
-  the new one adopts the pods (same names, same processes, never more pods than desired)
-  and the status converges; restarted again under load, no request fails and nothing is
-  re-created.
+  the new one adopts the pods (same names, same processes, no pod created again) and the
+  status converges; restarted again under load, through three reconcile steps of the new
+  operator, no request fails and nothing is re-created.
 - Two operators in one kopf peering: the higher priority one acts alone (the other holds
   no deployment); once it stops, the other takes over and applies the next spec change.
 """
@@ -17,14 +17,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import kopf
+import pytest
 
 from worldmesh_operator import builders
-from worldmesh_operator.runtime.kube_api import KubeApi, path_of
+from worldmesh_operator.runtime.kube_api import USER_AGENT, KubeApi, path_of
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
 from worldmesh_worker.local import wait_until
 
@@ -153,31 +155,28 @@ async def _observed(api: KubeApi, name: str, generation: int) -> bool:
 async def test_a_restarted_operator_adopts_pods_and_worlds(
     emulator: Emulator, api: KubeApi, kubelet: Kubelet
 ) -> None:
-    most = 0
+    def created() -> int:  # pods the operators created (each POST of a pod, exactly)
+        return sum(c.method == "POST" and c.path.endswith("/pods") for c in emulator.calls)
 
-    async def pods_now() -> list[dict[str, Any]]:
-        nonlocal most
-        pods = await pods_of(api, "adopt")
-        most = max(most, len(pods))
-        return pods
+    def steps() -> int:  # the operators' observations (each lists the deployment's pods)
+        return sum(
+            c.method == "GET" and c.path.endswith("/pods") and c.user_agent == USER_AGENT
+            for c in emulator.calls
+        )
 
     async with running_operator(emulator):
         await api.create("modeldeployments", manifest("adopt", middle=2))
-        await wait_until(lambda: _count(pods_now, 4), TIMEOUT, "four pods created", interval=0.05)
+        await wait_until(lambda: created() == 4, TIMEOUT, "four pods created", interval=0.05)
     # Stopped mid-way: the pods exist, their workers may still be starting or unwired.
-    first = {p["metadata"]["name"] for p in await pods_now()}
-
-    async def serving_and_counted() -> str | None:
-        await pods_now()
-        return await serving(api, kubelet, "adopt", 4)
+    first = {p["metadata"]["name"] for p in await pods_of(api, "adopt")}
 
     async with running_operator(emulator) as second:
         front = await wait_until(
-            serving_and_counted, TIMEOUT, "the deployment serving", interval=0.1
+            lambda: serving(api, kubelet, "adopt", 4), TIMEOUT, "serving", interval=0.1
         )
         assert ("default", "adopt") in second.deployments
-    assert {p["metadata"]["name"] for p in await pods_now()} == first
-    assert most == 4  # never a duplicate pod on the way
+    assert {p["metadata"]["name"] for p in await pods_of(api, "adopt")} == first
+    assert created() == 4  # the second operator adopted them: no pod was created again
     status = await status_of(api, "adopt")
     assert status["worlds"] == {"ready": 4, "broken": 0}
     pids = {p.name: p.pid for p in kubelet.pods.values()}
@@ -186,25 +185,25 @@ async def test_a_restarted_operator_adopts_pods_and_worlds(
     # Restarted under load: the data plane does not need the operator; nothing is redone.
     async with ClosedLoop(f"{front}/v2/models/adopt/infer", toy_request, 4, timeout=20) as load:
         await load.answered(10, timeout=TIMEOUT)
+        before = steps()
         async with running_operator(emulator) as third:
             await wait_until(
-                lambda: ("default", "adopt") in third.deployments,
+                lambda: ("default", "adopt") in third.deployments and steps() >= before + 3,
                 TIMEOUT,
-                "the third operator handling the deployment",
+                "the third operator through three reconcile steps",
                 interval=0.1,
             )
-            await wait_until(serving_and_counted, TIMEOUT, "serving after a restart")
             await load.answered(20, timeout=TIMEOUT)
     assert load.result.lost == 0, load.result.messages[:5]
+    assert created() == 4
     assert {p.name: p.pid for p in kubelet.pods.values()} == pids
     assert (await status_of(api, "adopt"))["worlds"] == {"ready": 4, "broken": 0}
 
 
-async def _count(pods: Any, n: int) -> bool:
-    return len(await pods()) == n
-
-
-async def test_two_operators_in_a_peering_one_acts(emulator: Emulator, api: KubeApi) -> None:
+async def test_two_operators_in_a_peering_one_acts(
+    emulator: Emulator, api: KubeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kopf")
     await api.create(
         "clusterkopfpeerings",
         {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "wm"}},
@@ -217,6 +216,12 @@ async def test_two_operators_in_a_peering_one_acts(emulator: Emulator, api: Kube
     async with running_operator(emulator, peering="wm", priority=50) as standby:
         async with running_operator(emulator, peering="wm", priority=100) as active:
             await wait_until(lambda: _at_least(peers, 2), TIMEOUT, "both in the peering", 0.1)
+            await wait_until(
+                lambda: any("Pausing operations" in r.getMessage() for r in caplog.records),
+                TIMEOUT,
+                "the lower priority operator paused",
+                interval=0.1,
+            )
             await api.create("modeldeployments", manifest("peer"))
 
             async def handled() -> bool:

@@ -210,7 +210,8 @@ async def test_a_model_that_cannot_load_is_degraded_with_the_workers_error(
         assert len(await pods_of(api, "unloadable")) <= 4
         conditions = {c["type"]: c for c in status.get("conditions", [])}
         condition = conditions.get("Degraded", {})
-        return condition if "no_such_package" in condition.get("message", "") else None
+        wrong = condition.get("status") == "True" and "no_such_package" in condition["message"]
+        return condition if wrong else None
 
     condition = await wait_until(degraded, TIMEOUT, "Degraded with the worker's error", 0.1)
     assert "No module named 'no_such_package'" in condition["message"], condition

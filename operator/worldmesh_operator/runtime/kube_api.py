@@ -58,7 +58,7 @@ class KubeApi:
         user_agent: str = USER_AGENT,
     ) -> None:
         self.server = server.rstrip("/")
-        # The API server's audit log names the caller by its User-Agent.
+        # The API server records it in its audit log beside the authenticated user.
         self._headers = {"User-Agent": user_agent}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
