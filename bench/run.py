@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import autoscale_bench
 import common
 import control_bench
 import pipeline_bench
@@ -23,6 +24,7 @@ BENCHMARKS = {
     "worlds": worlds_bench.run,
     "pipeline": pipeline_bench.run,
     "control": control_bench.run,
+    "autoscale": autoscale_bench.run,
 }
 
 

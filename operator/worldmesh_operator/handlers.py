@@ -26,7 +26,7 @@ from typing import Any
 
 import kopf
 
-from . import builders
+from . import autoscaling, builders
 from .builders import GROUP, PLURAL, VERSION
 from .reconciler import Action, DrainWorker, StartWorker, StopWorker, WorkerState, plan, summarize
 from .run import desired_of
@@ -46,6 +46,7 @@ class Managed:
     runtime: KubernetesRuntime
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ensured: bool = False
+    scaling: autoscaling.DeploymentScaling = field(default_factory=autoscaling.DeploymentScaling)
     workers: dict[int, int] = field(default_factory=dict)  #: desired per stage, last step
     last_failure: str = ""  #: a worker failure seen by a recent step, until Ready
 
@@ -61,12 +62,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo.api = KubeApi.from_environment()
     memo.setdefault("image", os.environ.get("WORLDMESH_WORKER_IMAGE", DEFAULT_IMAGE))
     memo.setdefault("deployments", {})
+    await autoscaling.configure(memo)  # control metrics (and their server), Prometheus URL
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     for managed in memo.get("deployments", {}).values():
         await managed.runtime.close()
+    await autoscaling.close(memo)
     await memo.api.close()
 
 
@@ -106,6 +109,7 @@ async def delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         await managed.runtime.delete_objects()
         await managed.runtime.close()
     memo.deployments.pop(key, None)
+    memo.metrics.forget(body.metadata.name)
 
 
 @kopf.on.event("v1", "pods", labels={"app.kubernetes.io/managed-by": builders.MANAGED_BY})
@@ -160,7 +164,8 @@ def _managed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> Managed | N
             "metadata": dict(body.metadata),
         }
         runtime = KubernetesRuntime(memo.api, lambda: memo.deployments[key].spec, owner, memo.image)
-        managed = memo.deployments[key] = Managed(spec, runtime)
+        scaling = autoscaling.DeploymentScaling(memo)
+        managed = memo.deployments[key] = Managed(spec, runtime, scaling=scaling)
     managed.spec = spec
     return managed
 
@@ -172,7 +177,8 @@ async def _step(
         if not managed.ensured:
             await managed.runtime.ensure_objects()
             managed.ensured = True
-        desired = desired_of(managed.spec, {})
+        wishes = await managed.scaling.tick(managed.spec, managed.runtime, body)
+        desired = desired_of(managed.spec, wishes)
         _announce_scale(body, managed, {s.index: s.workers for s in desired.stages})
         observed = await managed.runtime.observe()
         actions = plan(desired, observed, _new_id(managed))
@@ -201,6 +207,9 @@ async def _step(
         generation,
         body.get("status", {}).get("conditions", []),
         _now(),
+    )
+    managed.scaling.report(
+        status, managed.spec, summary, body.get("status", {}).get("conditions", []), _now()
     )
     current = {k: body.get("status", {}).get(k) for k in status}
     if current != status:

@@ -7,6 +7,11 @@ min..max from the workers' own ``/metrics`` once a second), observes the workers
 with the reconciler and applies the actions. A live table shows stages, workers, worlds, requests/s, p50/p99 and queue
 depth. Ctrl-C (SIGINT) or SIGTERM marks the deployment deleted: every worker is drained,
 then stopped, and no process is left behind.
+
+With ``--prometheus URL`` the same autoscaler reads its signals from that Prometheus
+instead, which scrapes the workers through the file-SD targets file the runtime keeps
+(``--targets-file``; printed at start). ``--metrics-port`` serves the control loop's own
+metrics (``worldmesh_stage_*``, ``worldmesh_autoscaler_*``) on ``/metrics``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from .metrics_source import DirectScrape
+from .metrics import ControlMetrics, bound_port
+from .metrics_source import DirectScrape, MetricsSource, PrometheusSource, local_targets
 from .reconciler import Desired, DesiredStage, Observed, WorkerState, plan, summarize
 from .runtime.local import LocalRuntime, config_digest
 from .scaling import Autoscaler, StageLoad
@@ -64,17 +70,36 @@ class LocalDeployment:
         interval: float = 0.25,
         env: dict[str, str] | None = None,
         out: Callable[[str], None] | None = None,
+        prometheus: str | None = None,
+        targets_path: Path | None = None,
+        scrape_interval_s: float = 1.0,
     ) -> None:
+        """``prometheus``: read the autoscaler's signals there (it should scrape
+        ``targets_path``, every ``scrape_interval_s``) rather than from the workers."""
         self.manifest = manifest
         self.spec = read_manifest(manifest)
         self._mtime = manifest.stat().st_mtime
         self.interval = interval
         self.runtime = LocalRuntime(
-            self.spec.name, lambda i: self.spec.stage_config(i), workdir, env=env
+            self.spec.name,
+            lambda i: self.spec.stage_config(i),
+            workdir,
+            env=env,
+            targets_path=targets_path,
         )
         self.wishes: dict[int, int] = {}  # the autoscaler's worker count per stage
         self.autoscaler: Autoscaler | None = None
-        self.metrics = DirectScrape(self.runtime)
+        self.metrics: MetricsSource = (
+            PrometheusSource(
+                prometheus,
+                self.spec.name,
+                rate_window_s=max(4 * scrape_interval_s, 2.0),
+                stale_after_s=3 * scrape_interval_s + 1.0,
+            )
+            if prometheus
+            else DirectScrape(lambda: local_targets(self.runtime))
+        )
+        self.control_metrics = ControlMetrics()
         self.scale_interval = 1.0
         self.deleted = False
         self.observed = Observed()
@@ -112,6 +137,21 @@ class LocalDeployment:
         actions = plan(desired, self.observed, self.new_id)
         for action in actions:
             self.board.event(action)
+        for stage in desired.stages:
+            ready = [
+                w
+                for w in self.observed.workers
+                if w.stage == stage.index and w.state is WorkerState.READY
+            ]
+            spec = self.spec.stages[stage.index]
+            self.control_metrics.stage(
+                self.spec.name,
+                stage.index,
+                desired=stage.workers,
+                ready=len(ready),
+                low=spec.min_replicas,
+                high=spec.max_replicas,
+            )
         return await self.runtime.apply(actions)
 
     async def autoscale(self, now: float) -> None:
@@ -129,13 +169,18 @@ class LocalDeployment:
                 signals.get(s.index),
                 s.min_replicas,
                 s.max_replicas,
+                reporting=self.metrics.reporting.get(s.index),
             )
             for s in self.spec.stages
             if self.spec.pinned_replicas(s.index) is None
         ]
+        current = {load.stage: load.current for load in loads}
         for decision in self.autoscaler.decide(loads, now):
-            if decision.workers != self.wishes.get(decision.stage, decision.workers):
+            if decision.workers != current[decision.stage]:
                 self.board.note(f"autoscaler: stage {decision.stage}: {decision.reason}")
+            self.control_metrics.decision(
+                self.spec.name, decision, signals.get(decision.stage), current[decision.stage]
+            )
             self.wishes[decision.stage] = decision.workers
 
     async def run(self) -> None:
@@ -172,10 +217,35 @@ async def main(argv: list[str]) -> int:
     parser.add_argument(
         "--workdir", type=Path, help="configs and worker logs (default: a temp dir)"
     )
+    parser.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="read the autoscaler's signals from this Prometheus (it scrapes --targets-file)",
+    )
+    parser.add_argument(
+        "--targets-file",
+        type=Path,
+        help="Prometheus file-SD targets of the workers (default: WORKDIR/targets.json)",
+    )
+    parser.add_argument(
+        "--scrape-interval", type=float, default=15.0, help="that Prometheus's, in seconds"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve the control loop's metrics on this port"
+    )
     args = parser.parse_args(argv)
+    if args.prometheus and not args.prometheus.startswith(("http://", "https://")):
+        parser.error(f"--prometheus must be an http:// or https:// URL, got {args.prometheus!r}")
     try:
         deployment_dir = args.workdir or Path(tempfile.mkdtemp(prefix="worldmesh-run-"))
-        deployment = LocalDeployment(args.manifest, deployment_dir)
+        targets = args.targets_file or deployment_dir / "targets.json"
+        deployment = LocalDeployment(
+            args.manifest,
+            deployment_dir,
+            prometheus=args.prometheus,
+            targets_path=targets,
+            scrape_interval_s=args.scrape_interval,
+        )
     except (OSError, yaml.YAMLError) as exc:
         print(f"worldmesh run: cannot read {args.manifest}: {exc}", file=sys.stderr)
         return 2
@@ -190,11 +260,19 @@ async def main(argv: list[str]) -> int:
         loop.add_signal_handler(sig, deployment.delete)
     print(
         f"worldmesh run: {deployment.spec.name}: {len(deployment.spec.stages)} stages; "
-        f"logs in {deployment_dir}",
+        f"logs in {deployment_dir}; Prometheus file-SD targets in {targets}",
         flush=True,
     )
+    server = None
+    if args.metrics_port is not None:
+        server = await deployment.control_metrics.serve("127.0.0.1", args.metrics_port)
+        print(f"worldmesh run: metrics on http://127.0.0.1:{bound_port(server)}/metrics")
     started = time.monotonic()
-    await deployment.run()
+    try:
+        await deployment.run()
+    finally:
+        if server is not None:
+            await server.cleanup()
     print(
         f"worldmesh run: stopped after {time.monotonic() - started:.0f} s; no worker left",
         flush=True,

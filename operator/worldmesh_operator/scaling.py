@@ -6,6 +6,11 @@ the worker count it wants, as the Kubernetes HPA does:
 
 - raw recommendation ``ceil(current * signal / target)``; within the tolerance band
   (``|signal / target - 1| <= 0.1``) the current count stands;
+- workers still starting count as capacity on the way: ``current`` includes them, and
+  when only ``reporting`` of them made the signal (a new worker reaches Prometheus seconds
+  after it is ready), the others count, as in the HPA, as idle on the way up and at target
+  on the way down; if that reverses the direction, the size stands. So a stage neither
+  grows twice for one overload nor shrinks because its newcomer is not measured yet;
 - stabilization: a scale up takes the *lowest* recommendation of the last
   ``scaleUpStabilizationSeconds`` (0: at once), a scale down the *highest* of the last
   ``scaleDownStabilizationSeconds`` (300 s by default), so a dip does not shrink a stage;
@@ -16,6 +21,11 @@ the worker count it wants, as the Kubernetes HPA does:
 - missing or stale metrics hold the stage at its current size (``held`` says why): never
   a scale to zero or to max on no data;
 - the result is clamped to the stage's min..max.
+
+The policy's memory (recent recommendations, recent changes) can be exported and restored
+(``export()`` / ``Autoscaler(spec, restored=...)``), so a restarted operator neither flaps
+nor forgets a pending scale down: a run of equal recommendations is kept as its first and
+last time, which is all the windows' min and max need.
 """
 
 from __future__ import annotations
@@ -36,6 +46,21 @@ class StageLoad:
     signal: float | None  #: None: no fresh metrics
     min_workers: int
     max_workers: int
+    reporting: int | None = None  #: workers whose metrics made ``signal``; None: all
+
+    def ratio(self, target: float) -> float | None:
+        """Load over target per worker of ``current``, the unmeasured ones as the HPA counts
+        them; None when no signal."""
+        if self.signal is None:
+            return None
+        ratio = self.signal / target
+        measured = self.reporting if self.reporting is not None else self.current
+        if 0 < measured < self.current and ratio != 1:
+            assumed = 0.0 if ratio > 1 else target
+            missing = self.current - measured
+            adjusted = (self.signal * measured + assumed * missing) / (self.current * target)
+            return adjusted if (adjusted > 1) == (ratio > 1) else 1.0
+        return ratio
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,22 +77,58 @@ class _History:
     changes: deque[tuple[float, int]] = field(default_factory=deque)  # (time, +added/-removed)
 
 
+@dataclass(frozen=True, slots=True)
+class StageMemory:
+    """What the policy remembers of a stage, as plain data (times on the caller's clock)."""
+
+    runs: tuple[tuple[float, float, int], ...] = ()  #: (first, last, workers) recommended
+    changes: tuple[tuple[float, int], ...] = ()  #: (time, +added/-removed)
+
+
 class Autoscaler:
-    def __init__(self, spec: AutoscalingSpec) -> None:
+    def __init__(
+        self, spec: AutoscalingSpec, restored: dict[int, StageMemory] | None = None
+    ) -> None:
         self.spec = spec
         self._history: dict[int, _History] = {}
+        for stage, memory in (restored or {}).items():
+            history = self._history[stage] = _History()
+            for first, last, workers in memory.runs:
+                history.recommendations.append((first, workers))
+                if last > first:
+                    history.recommendations.append((last, workers))
+            history.changes.extend(memory.changes)
+
+    def export(self, resolution_s: float = 0.0) -> dict[int, StageMemory]:
+        """The memory of every stage. The last run's end is rounded down to ``resolution_s``
+        so that a caller storing it writes only when something changed or that much passed."""
+        exported = {}
+        for stage, history in sorted(self._history.items()):
+            runs: list[tuple[float, float, int]] = []
+            for when, workers in history.recommendations:
+                if runs and runs[-1][2] == workers:
+                    runs[-1] = (runs[-1][0], when, workers)
+                else:
+                    runs.append((when, when, workers))
+            if runs and resolution_s > 0:
+                first, last, workers = runs[-1]
+                runs[-1] = (first, first + (last - first) // resolution_s * resolution_s, workers)
+            exported[stage] = StageMemory(tuple(runs), tuple(history.changes))
+        return exported
 
     def decide(self, loads: list[StageLoad], now: float) -> list[Decision]:
         target = self.spec.target or 1.0
         raw: dict[int, int] = {}
+        ratios: dict[int, float] = {}
         for load in loads:
-            if load.signal is not None:
-                ratio = load.signal / target
+            ratio = load.ratio(target)
+            if ratio is not None:
+                ratios[load.stage] = ratio
                 raw[load.stage] = (
                     load.current if abs(ratio - 1) <= TOLERANCE else math.ceil(load.current * ratio)
                 )
         growing = [load for load in loads if raw.get(load.stage, load.current) > load.current]
-        bottleneck = max(growing, key=lambda ld: ld.signal or 0.0, default=None)
+        bottleneck = max(growing, key=lambda ld: ratios[ld.stage], default=None)
         decisions = []
         for load in loads:
             if load.stage not in raw:
@@ -85,6 +146,11 @@ class Autoscaler:
                     load.current,
                     f"stage {bottleneck.stage} is the bottleneck: it grows first",
                 )
+            period = max(
+                self.spec.scale_up_limit.period_seconds, self.spec.scale_down_limit.period_seconds
+            )
+            while history.changes and history.changes[0][0] <= now - period:
+                history.changes.popleft()
             wanted = self._rate_limited(history, load.current, wanted, now)
             if wanted != load.current:
                 history.changes.append((now, wanted - load.current))

@@ -6,6 +6,10 @@ of its own under the work directory. Observing asks every worker's control API (
 a worker that does not answer within ``answer_timeout_s``, such as a frozen one, is
 reported DEAD so the reconciler replaces it). Stopping sends SIGTERM (the worker drains,
 then exits) and SIGKILL past ``stop_timeout_s``, or at once for a worker that is DEAD.
+
+With ``targets_path``, the runtime keeps a Prometheus ``file_sd_configs`` file there: one
+target per worker that is ready and not stopping, labelled deployment, stage and worker,
+rewritten (atomically: Prometheus watches the file) whenever that set changes.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class LocalRuntime:
         env: dict[str, str] | None = None,
         answer_timeout_s: float = 2.0,
         stop_timeout_s: float = 30.0,
+        targets_path: Path | None = None,
     ) -> None:
         """``stage_config(stage)`` gives the worker config of a stage, without worker/ports/token."""
         self.deployment = deployment
@@ -82,6 +87,8 @@ class LocalRuntime:
         self.answer_timeout_s = answer_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.workers: dict[str, _Worker] = {}
+        self.targets_path = targets_path
+        self._targets: list[dict[str, Any]] | None = None  # as last written
         workdir.mkdir(parents=True, exist_ok=True)
         self.token_path = workdir / "token"
         self.token_path.write_text(secrets.token_urlsafe(32))
@@ -103,6 +110,7 @@ class LocalRuntime:
             task.cancel()
         if self._session is not None:
             await self._session.close()
+        self._write_targets()
 
     @property
     def endpoint(self) -> str | None:
@@ -167,6 +175,7 @@ class LocalRuntime:
                 errors.append(f"{action}: {outcome}")
                 log.warning("%s failed: %s", action, outcome)
         self._forget_exited()
+        self._write_targets()
         return errors
 
     async def _apply(self, action: Action) -> None:
@@ -249,6 +258,7 @@ class LocalRuntime:
             control,
             worker.log_path,
         )
+        self._write_targets()
 
     def stop(self, worker_id: str) -> None:
         worker = self.workers.get(worker_id)
@@ -281,6 +291,24 @@ class LocalRuntime:
             w.id for w in self.workers.values() if w.stopping and w.process.poll() is not None
         ]:
             del self.workers[worker_id]
+
+    def _write_targets(self) -> None:
+        if self.targets_path is None:
+            return
+        targets = [
+            {
+                "targets": [f"{self.host}:{w.handle.http_port}"],
+                "labels": {"deployment": self.deployment, "stage": str(w.stage), "worker": w.id},
+            }
+            for w in sorted(self.workers.values(), key=lambda w: w.id)
+            if w.handle is not None and not w.stopping and w.process.poll() is None
+        ]
+        if targets == self._targets:
+            return
+        partial = self.targets_path.with_name(self.targets_path.name + ".tmp")
+        partial.write_text(json.dumps(targets, indent=1))
+        partial.replace(self.targets_path)  # atomic: Prometheus never reads half a file
+        self._targets = targets
 
 
 def config_digest(config: dict[str, Any]) -> str:
