@@ -2,7 +2,8 @@
 
 Behaviours covered:
 - `helm lint --strict` passes with the default values and with every optional part on
-  (`ci/all-on-values.yaml`); `helm template` renders both, and the PodMonitor appears when
+  (`ci/all-on-values.yaml`); `helm template` renders both, and the PodMonitors (workers,
+  operator; the operator's job is what the alert rules match) appear when
   asked for or when the cluster serves monitoring.coreos.com/v1.
 - The PrometheusRule (asked for, or auto-detected) is the plain rules file
   rules/worldmesh.rules.yaml with the operator selector of the values, and promtool accepts
@@ -155,10 +156,23 @@ def test_all_on_render_has_every_optional_part() -> None:
     assert {d["metadata"]["namespace"] for d in by_kind(docs, "Role")} == {"serving", "staging"}
 
 
-def test_pod_monitor_is_rendered_when_the_cluster_serves_its_api() -> None:
-    (pm,) = by_kind(render(*WITH_MONITORING_API), "PodMonitor")
-    assert pm["spec"]["namespaceSelector"] == {"any": True}
-    assert pm["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+def test_pod_monitors_are_rendered_when_the_cluster_serves_their_api() -> None:
+    docs = render(*WITH_MONITORING_API)
+    workers, operator = by_kind(docs, "PodMonitor")
+    assert workers["spec"]["namespaceSelector"] == {"any": True}
+    assert workers["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+    # The operator's: its pods' metrics port, job "worldmesh-operator" from their label,
+    # which is what the alert rules' default operatorSelector matches.
+    (deployment,) = by_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]
+    assert operator["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert operator["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in pod["spec"][
+        "containers"
+    ][0]["ports"]
+    job = pod["metadata"]["labels"][operator["spec"]["jobLabel"]]
+    default = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert default["monitoring"]["prometheusRule"]["operatorSelector"] == f'job="{job}"'
     off = render(*WITH_MONITORING_API, "--set", "monitoring.podMonitor.autoDetect=false")
     assert not by_kind(off, "PodMonitor")
 
