@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import autoscale_bench
 import common
 import control_bench
+import exits_bench
 import pipeline_bench
 import worlds_bench
 
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "worlds": worlds_bench.run,
     "pipeline": pipeline_bench.run,
     "control": control_bench.run,
+    "exits": exits_bench.run,
     "autoscale": autoscale_bench.run,
 }
 

@@ -4,6 +4,7 @@
 - ``validate MANIFEST...``: check manifests against the CRD, every error with its field path;
 - ``load ENDPOINT``: drive an endpoint with real samples and summarize;
 - ``worker --config FILE``: run one stage worker (what a pod runs);
+- ``ramps train MANIFEST|MODEL``: train a model's early-exit ramps (``worldmesh_worker.exits.train``);
 - ``demo``: a three-stage EfficientNet-Lite0 pipeline answering real Fashion-MNIST images.
 """
 
@@ -21,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         from worldmesh_worker.main import main as worker_main
 
         return worker_main(rest)
+    if command == "ramps":
+        from worldmesh_worker.exits.train import main as ramps_main
+
+        return ramps_main(rest)
     if command == "validate":
         from .validate import main as validate_main
 
@@ -33,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="worldmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "validate", "worker"):
+    for name in ("run", "validate", "worker", "ramps"):
         commands.add_parser(name, help=f"see worldmesh {name} --help")
     from . import demo, load
 

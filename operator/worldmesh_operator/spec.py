@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from worldmesh_worker.exits.sites import site_error
+
 from .validate import FieldError, SpecError, load_schema
 
 __all__ = [
@@ -94,6 +96,9 @@ class EarlyExitsSpec:
     accuracy_budget: float = 0.01
     ramp_budget: float = 0.1
     ramps: tuple[int, ...] = ()  #: block indices; empty: every candidate of the model
+    ramps_file: str | None = None  #: None: <cache>/ramps/<model>.pt on each worker
+    policy: str = "online"  #: online | fixed
+    threshold: float | None = None  #: the fixed policy's threshold; None: the file's
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +175,23 @@ class DeploymentSpec:
                 "heartbeatTimeoutMs": worlds.heartbeat_timeout_ms,
                 "maxMessageBytes": worlds.max_message_bytes,
             },
+            "earlyExits": self._early_exits_config(),
         }
+
+    def _early_exits_config(self) -> dict[str, Any]:
+        exits = self.early_exits
+        config: dict[str, Any] = {
+            "enabled": exits.enabled,
+            "accuracyBudget": exits.accuracy_budget,
+            "rampBudget": exits.ramp_budget,
+            "ramps": list(exits.ramps),
+            "policy": exits.policy,
+        }
+        if exits.ramps_file is not None:
+            config["rampsFile"] = exits.ramps_file
+        if exits.threshold is not None:
+            config["threshold"] = exits.threshold
+        return config
 
 
 def parse_spec(manifest: Any, crd: Path | None = None) -> DeploymentSpec:
@@ -180,6 +201,8 @@ def parse_spec(manifest: Any, crd: Path | None = None) -> DeploymentSpec:
     the CRD file (``crd``, default: the project's) is missing or broken.
     """
     data, errors = load_schema(crd).check(manifest)
+    if not errors:
+        errors = _ramp_site_errors(data["spec"])
     if errors:
         raise SpecError(errors)
     meta, spec = data["metadata"], data["spec"]
@@ -217,6 +240,9 @@ def parse_spec(manifest: Any, crd: Path | None = None) -> DeploymentSpec:
             accuracy_budget=float(exits["accuracyBudget"]),
             ramp_budget=float(exits["rampBudget"]),
             ramps=tuple(exits["ramps"]),
+            ramps_file=exits.get("rampsFile"),
+            policy=exits["policy"],
+            threshold=float(exits["threshold"]) if "threshold" in exits else None,
         ),
         image=spec.get("image"),
         ports=Ports(http=spec["port"], control=spec["controlPort"]),
@@ -248,6 +274,16 @@ def _stage(index: int, stage: dict[str, Any]) -> StageSpec:
             max_queue_delay_ms=float(stage["batching"]["maxQueueDelayMs"]),
         ),
     )
+
+
+def _ramp_site_errors(spec: dict[str, Any]) -> list[FieldError]:
+    """A ramp after a block the (built-in) model does not have, or after its final head."""
+    model = spec["model"]["name"]
+    return [
+        FieldError(f"spec.earlyExits.ramps[{i}]", why)
+        for i, site in enumerate(spec["earlyExits"]["ramps"])
+        if (why := site_error(model, site)) is not None
+    ]
 
 
 def _limit(limit: dict[str, Any]) -> ScaleLimit:

@@ -37,6 +37,17 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class EarlyExits:
+    enabled: bool = False
+    accuracy_budget: float = 0.01  #: largest disagreement of released answers with the full model
+    ramp_budget: float = 0.1  #: largest ramp overhead, a fraction of the full-model latency
+    ramps: tuple[int, ...] = ()  #: block indices; empty: every ramp in the ramps file
+    ramps_file: str = ""  #: empty: <cache>/ramps/<model>.pt
+    policy: str = "online"  #: online (tuner and manager) | fixed (every ramp, one threshold)
+    threshold: float | None = None  #: the fixed policy's threshold; None: the file's
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerConfig:
     deployment: str
     worker: str
@@ -52,6 +63,7 @@ class WorkerConfig:
     batching: Batching = field(default_factory=Batching)
     limits: Limits = field(default_factory=Limits)
     worlds: WorldOptions = field(default_factory=WorldOptions)
+    early_exits: EarlyExits = field(default_factory=EarlyExits)
     token: str = ""
 
     @property
@@ -81,6 +93,7 @@ def parse_config(raw: Any, env: dict[str, str] | os._Environ[str]) -> WorkerConf
     batching = r.section("batching")
     limits = r.section("limits")
     worlds = r.section("worlds")
+    exits = r.section("earlyExits")
     model = r.section("model") if isinstance(r.data.get("model"), dict) else None
     model_name = model.str("name") if model else r.str("model")
     split = (
@@ -129,11 +142,44 @@ def parse_config(raw: Any, env: dict[str, str] | os._Environ[str]) -> WorkerConf
             heartbeat_timeout_s=worlds.num("heartbeatTimeoutMs", default=800.0, lo=10.0) / 1e3,
             max_message_bytes=worlds.int("maxMessageBytes", default=256 << 20, lo=1024),
         ),
+        early_exits=_early_exits(exits),
         token=token,
     )
     if config.worlds.heartbeat_timeout_s <= 2 * config.worlds.heartbeat_interval_s:
         raise ConfigError("worlds.heartbeatTimeoutMs: must exceed twice heartbeatIntervalMs")
     return config
+
+
+def _early_exits(r: _Reader) -> EarlyExits:
+    enabled = r.data.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{r._name('enabled')}: must be a boolean, got {enabled!r}")
+    ramps = r.int_list("ramps", default=[])
+    for i, site in enumerate(ramps):
+        if site < 0 or site in ramps[:i]:
+            raise ConfigError(f"{r._name('ramps')}[{i}]: {site} is negative or repeated")
+    policy = r.str("policy", default="online")
+    if policy not in ("online", "fixed"):
+        raise ConfigError(f"{r._name('policy')}: must be online or fixed, got {policy!r}")
+    threshold = r.num("threshold", default=-1.0, lo=-1.0)
+    budget = r.num("accuracyBudget", default=0.01, lo=0.0)
+    ramp_budget = r.num("rampBudget", default=0.1, lo=0.0)
+    for key, value in (
+        ("threshold", threshold),
+        ("accuracyBudget", budget),
+        ("rampBudget", ramp_budget),
+    ):
+        if value > 1:
+            raise ConfigError(f"{r._name(key)}: must be <= 1, got {value}")
+    return EarlyExits(
+        enabled=enabled,
+        accuracy_budget=budget,
+        ramp_budget=ramp_budget,
+        ramps=tuple(ramps),
+        ramps_file=r.str("rampsFile", default=""),
+        policy=policy,
+        threshold=None if threshold < 0 else threshold,
+    )
 
 
 def _token_from(token_file: str, env: dict[str, str] | os._Environ[str]) -> str:

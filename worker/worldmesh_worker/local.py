@@ -142,6 +142,7 @@ class LocalPipeline:
     batching: dict[str, Any] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)
     worlds: dict[str, Any] = field(default_factory=dict)
+    early_exits: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     workers: list[WorkerProcess] = field(default_factory=list)
@@ -210,6 +211,7 @@ class LocalPipeline:
             "batching": self.batching,
             "limits": self.limits,
             "worlds": self.worlds,
+            "earlyExits": self.early_exits,
         }
         config_path = self.workdir / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(config))

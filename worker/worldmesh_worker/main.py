@@ -89,5 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"worldmesh worker: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as exc:  # found once the model is loaded (e.g. early-exit ramps)
+        print(f"worldmesh worker: {exc}", file=sys.stderr)
+        return 2
     return 0

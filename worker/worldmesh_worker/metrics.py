@@ -58,6 +58,21 @@ class WorkerMetrics:
             "worldmesh_retries", "Rows resent to another worker after a world went down."
         ).labels(*values)
         self.draining = gauge("worldmesh_draining", "1 while the worker drains.").labels(*values)
+        # Early exits: exported by the front stage, which holds the tuner (label ramp = block).
+        self._early_exits = counter(
+            "worldmesh_early_exits", "Requests answered by an early-exit ramp.", "ramp"
+        )
+        self._ramp_threshold = gauge(
+            "worldmesh_ramp_threshold", "A ramp's current threshold on 1 - max softmax.", "ramp"
+        )
+        self._ramp_active = gauge(
+            "worldmesh_ramp_active", "1 if a ramp is active, 0 if off.", "ramp"
+        )
+        self._ramp_agreement = gauge(
+            "worldmesh_ramp_agreement_ratio",
+            "A ramp's agreement with the final answer over the recent window.",
+            "ramp",
+        )
         self._values = values
 
     def request(self, code: int) -> None:
@@ -66,3 +81,14 @@ class WorkerMetrics:
     def worlds(self, counts: dict[str, int]) -> None:
         for state in WORLD_STATES:
             self._worlds.labels(*self._values, state).set(counts.get(state, 0))
+
+    def early_exits(self, ramp: int, n: int = 1) -> None:
+        self._early_exits.labels(*self._values, str(ramp)).inc(n)
+
+    def ramp(self, ramp: int, threshold: float, active: bool, agreement: float | None) -> None:
+        """Export one ramp's state (agreement only once its window has labelled exits)."""
+        labels = (*self._values, str(ramp))
+        self._ramp_threshold.labels(*labels).set(threshold)
+        self._ramp_active.labels(*labels).set(1 if active else 0)
+        if agreement is not None:
+            self._ramp_agreement.labels(*labels).set(agreement)

@@ -7,7 +7,12 @@ Health and readiness answer 200 for true and 400 for false, as the protocol says
 
 Control port (bearer token, compared in constant time; 401 without it):
 ``GET /v1/status``, ``GET /v1/worlds``, ``POST /v1/worlds`` (open), ``DELETE /v1/worlds/{name}``,
-``POST /v1/drain[?wait=S]`` and ``GET /v1/drain``.
+``POST /v1/drain[?wait=S]``, ``GET /v1/drain`` and ``GET /v1/ramps`` (early exits: each
+ramp's state, threshold, exit rate and agreement at the front; the active set elsewhere).
+
+With early exits on, an answer carries ``parameters.exit`` (the block index of the ramp
+that answered, or ``"final"``), and a request with ``parameters.early_exit: false`` gets
+the full model's answer only.
 
 Errors are ``{"error": "..."}`` with the status of their type (``errors.py``); a client's
 mistake is never a 500, and no request can crash the worker.
@@ -139,9 +144,17 @@ class InferenceApp:
             req = await asyncio.to_thread(
                 decode_infer_request, body, request.headers, model.inputs, model.outputs
             )
-            outputs = await self.stage.infer({i.name: i.data for i in req.inputs})
+            early = req.parameters.get("early_exit", True)
+            if not isinstance(early, bool):
+                raise InvalidInput(f"parameters.early_exit: expected a boolean, got {early!r}")
+            inputs = {i.name: i.data for i in req.inputs}
+            outputs, exit_ = await self.stage.answer(inputs, early)
+            # which exit answered: a ramp's block index, or "final" (only with early exits on)
+            params = None
+            if self.stage.exits is not None:
+                params = {"exit": "final" if exit_ is None else exit_}
             payload, headers = await asyncio.to_thread(
-                encode_infer_response, self.name, MODEL_VERSION, req, outputs
+                encode_infer_response, self.name, MODEL_VERSION, req, outputs, params
             )
             content_type = headers.pop("Content-Type", "application/json")
             code = 200
@@ -176,6 +189,7 @@ class ControlApp:
         r.add_delete("/v1/worlds/{name}", self.close_world)
         r.add_post("/v1/drain", self.drain)
         r.add_get("/v1/drain", self.drain_state)
+        r.add_get("/v1/ramps", self.ramps)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -186,6 +200,9 @@ class ControlApp:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.stage.status())
+
+    async def ramps(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stage.exits_status())
 
     async def worlds(self, request: web.Request) -> web.Response:
         return web.json_response({"worlds": self.stage.status()["worlds"]})

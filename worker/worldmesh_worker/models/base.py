@@ -22,7 +22,7 @@ and sees no dropout.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -113,13 +113,24 @@ class Stage(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.run(tensors)
+
+    def run(
+        self,
+        tensors: tuple[torch.Tensor, ...],
+        taps: dict[int, Callable[[tuple[torch.Tensor, ...]], None]] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """``forward``, calling ``taps[i](outputs)`` right after the stage's ``i``-th block
+        (how early-exit ramps read intermediate activations without a second pass)."""
         if self.channels_last:
             tensors = tuple(
                 t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
                 for t in tensors
             )
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             tensors = block(*tensors)
+            if taps and i in taps:
+                taps[i](tensors)
         if self.channels_last:
             tensors = tuple(t.contiguous() for t in tensors)
         return tuple(tensors)

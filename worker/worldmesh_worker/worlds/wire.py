@@ -59,6 +59,7 @@ class MessageKind(enum.IntEnum):
     CONTROL = 4  #: no rows: meta carries flow control ("accepting", "ack")
     KEEPALIVE = 5  #: header only, sent when a direction is idle (see ``world``)
     CLOSE = 6  #: header only, the sender closes the world on purpose; its last message
+    EXIT = 7  #: ramp answers travelling upstream: logits [ramps, ids, classes], meta "ramps"
 
 
 class MalformedMessage(ValueError):

@@ -1,0 +1,297 @@
+"""Early exits (Apparate) on the two real workloads: latency, throughput and accuracy loss.
+
+Workloads: EfficientNet-Lite0 on Fashion-MNIST test images (3 stages, split [6, 12]) and
+MiniLM-L6 on Rotten Tomatoes test sentences (2 stages, split [4]); one worker per stage,
+real processes on loopback. Each workload runs three deployments, one after the other,
+against the *same* Poisson arrival schedule of the same requests:
+
+- **none**: no early exits (the baseline);
+- **fixed**: every ramp on, one threshold tuned once offline (the ramps file's shared one);
+- **online**: worldmesh's policy (per-ramp thresholds tuned online, ramp management).
+
+Reported per deployment: median and p99 latency (from the scheduled send time), accuracy
+loss (answers whose label differs from the unsplit full model's, computed in this process
+on the same inputs, over every request sent), and the closed-loop throughput (8 clients)
+as a ratio to the baseline's, measured right after. The online run then goes on with a
+shifted input mix (vision: the same images with Gaussian noise, sigma 60 grey levels;
+text: only "rotten" sentences, then only "fresh") and reports how many requests after
+the shift it took until the disagreement over the last 100 answers is within budget.
+
+The ramps are trained first if missing (``worldmesh ramps train``, cached). The rows are
+a seeded subsample of each test split (``--quick``: fewer), not the whole split: the
+sample size is in ``detail``. The machine has 2 cores shared by every worker and the
+client: read the load average beside each figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import numpy as np
+import torch
+from common import Figure, median, percentile
+
+from worldmesh_worker.data import fashion_mnist, rotten_tomatoes
+from worldmesh_worker.exits.ramps import RampFileError, load_ramps, ramps_path
+from worldmesh_worker.local import LocalPipeline
+from worldmesh_worker.models import load_model
+
+BUDGET = 0.01
+CLIENTS = 8
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str
+    split: list[int]
+    rate: float  # Poisson arrivals per second, the same for the three deployments
+    rows: int
+    shift_rows: int
+    batching: dict[str, Any]
+
+
+VISION = Workload("vision", "efficientnet-lite0", [6, 12], 20.0, 1500, 400, {"maxBatchSize": 8})
+TEXT = Workload("text", "minilm-l6", [4], 12.0, 900, 300, {"maxBatchSize": 8})
+
+
+def _ramps(model: Any) -> Any:
+    try:
+        return load_ramps(ramps_path(model.name), model)
+    except RampFileError:
+        from worldmesh_worker.exits.train import main as train
+
+        assert train(["train", model.name]) == 0
+        return load_ramps(ramps_path(model.name), model)
+
+
+def _inputs(w: Workload, rows: int, shift_rows: int) -> tuple[list[Any], list[Any]]:
+    """(test rows, shifted rows), as single-row input dicts."""
+    rng = np.random.default_rng(1)
+    if w.model == "efficientnet-lite0":
+        images, _ = fashion_mnist("test")
+        pick = rng.permutation(len(images))
+        clean = [images[i : i + 1] for i in pick[:rows]]
+        noisy = []
+        for i in pick[rows : rows + shift_rows]:
+            noise = rng.normal(0, 60, images[i].shape)
+            noisy.append(np.clip(images[i] + noise, 0, 255).astype(np.uint8)[None])
+        return [{"image": x} for x in clean], [{"image": x} for x in noisy]
+    texts, labels = rotten_tomatoes("test")
+    pick = rng.permutation(len(texts))
+    clean = [texts[i] for i in pick[:rows]]
+    rest = pick[rows:]
+    rotten = [texts[i] for i in rest if labels[i] == 1][: shift_rows // 2]
+    fresh = [texts[i] for i in rest if labels[i] == 0][: shift_rows - len(rotten)]
+    as_input = lambda t: {"text": np.array([t.encode()], dtype=object)}  # noqa: E731
+    return [as_input(t) for t in clean], [as_input(t) for t in rotten + fresh]
+
+
+def _body(inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    ((name, array),) = inputs.items()
+    if array.dtype == object:
+        spec = {"datatype": "BYTES", "data": [b.decode() for b in array.tolist()]}
+    else:
+        spec = {"datatype": "UINT8", "data": array.reshape(-1).tolist()}
+    return {"inputs": [{"name": name, "shape": list(array.shape), **spec}]}
+
+
+def _reference(model: Any, rows: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """The unsplit full model's labels, in this process."""
+    full = model.full()
+    labels = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), 32):
+            chunk = rows[i : i + 32]
+            (name,) = chunk[0]
+            batch = {name: np.concatenate([r[name] for r in chunk])}
+            labels.append(full(*model.preprocess(batch))[0].argmax(1).numpy())
+    return np.concatenate(labels)
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, Any]:
+    async with session.post(url, json=body) as response:
+        doc = await response.json(content_type=None)
+    if response.status != 200:
+        return None, response.status
+    label = next(o for o in doc["outputs"] if o["name"] == "label")["data"][0]
+    return label, doc.get("parameters", {}).get("exit", "final")
+
+
+async def _open_loop(url: str, bodies: list[dict], rate: float, seed: int) -> list[Any]:
+    """Poisson arrivals; per request (latency from its scheduled time, label, exit)."""
+    rng = np.random.default_rng(seed)
+    results: list[Any] = [None] * len(bodies)
+    async with aiohttp.ClientSession() as session:
+
+        async def one(i: int, scheduled: float) -> None:
+            label, exit_ = await _post(session, url, bodies[i])
+            results[i] = (time.perf_counter() - scheduled, label, exit_)
+
+        tasks = []
+        t = time.perf_counter()
+        for i in range(len(bodies)):
+            t += rng.exponential(1.0 / rate)
+            delay = t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, t)))
+        await asyncio.gather(*tasks)
+    return results
+
+
+async def _closed_loop(url: str, bodies: list[dict], seconds: float) -> float:
+    """Answers per second with ``CLIENTS`` clients sending back to back."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+    async with aiohttp.ClientSession() as session:
+
+        async def client(k: int) -> None:
+            nonlocal done
+            i = k
+            while time.perf_counter() < deadline:
+                label, _ = await _post(session, url, bodies[i % len(bodies)])
+                done += label is not None
+                i += CLIENTS
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(CLIENTS)))
+    return done / (time.perf_counter() - start)
+
+
+def _recovery(wrong: list[bool], span: int = 100) -> int | None:
+    """Requests after the shift until the disagreement over the last ``span`` is in budget."""
+    for end in range(span, len(wrong) + 1):
+        if sum(wrong[end - span : end]) / span <= BUDGET:
+            return end - span
+    return None
+
+
+async def _deployment(
+    w: Workload, policy: str, bodies: list[dict], shifted: list[dict], ramps: Any, quick: bool
+) -> dict[str, Any]:
+    exits: dict[str, Any] = {"enabled": policy != "none", "accuracyBudget": BUDGET}
+    if policy == "fixed":
+        exits.update(policy="fixed", threshold=ramps.threshold)
+    stages = len(w.split) + 1
+    async with LocalPipeline(
+        w.model,
+        w.split,
+        [1] * stages,
+        deployment=w.name,
+        batching={**w.batching, "maxQueueDelayMs": 2},
+        early_exits=exits,
+    ) as pipeline:
+        url = f"{pipeline.front.http_url}/v2/models/{w.name}/infer"
+        await _open_loop(url, bodies[:40], w.rate, seed=99)  # warm-up
+        started = time.perf_counter()
+        answers = await _open_loop(url, bodies, w.rate, seed=7)
+        elapsed = time.perf_counter() - started
+        throughput = await _closed_loop(url, bodies, 5.0 if quick else 12.0)
+        shift = await _open_loop(url, shifted, w.rate, seed=8) if policy == "online" else []
+        status = await pipeline.front.control.status()
+    return {
+        "answers": answers,
+        "shift": shift,
+        "rate": len(answers) / elapsed,
+        "throughput": throughput,
+        "earlyExits": status.get("earlyExits"),
+    }
+
+
+async def _workload(w: Workload, quick: bool) -> list[Figure]:
+    model = load_model(w.model)
+    ramps = _ramps(model)
+    rows, shift_rows = (w.rows // 4, w.shift_rows // 2) if quick else (w.rows, w.shift_rows)
+    clean, shifted = _inputs(w, rows, shift_rows)
+    reference, shifted_reference = _reference(model, clean), _reference(model, shifted)
+    bodies, shifted_bodies = [_body(r) for r in clean], [_body(r) for r in shifted]
+    runs = {}
+    for policy in ("none", "fixed", "online"):
+        runs[policy] = await _deployment(w, policy, bodies, shifted_bodies, ramps, quick)
+    stats = {}
+    for policy, run in runs.items():
+        answers = run["answers"]
+        ok = [a for a in answers if a[1] is not None]
+        latencies = [a[0] for a in ok]
+        wrong = [
+            bool(a[1] is None or a[1] != ref) for a, ref in zip(answers, reference, strict=True)
+        ]
+        exits = [a[2] for a in ok]
+        stats[policy] = {
+            "p50_ms": 1e3 * median(latencies),
+            "p99_ms": 1e3 * percentile(latencies, 99),
+            "accuracy_loss": sum(wrong) / len(answers),
+            "early_fraction": sum(e != "final" for e in exits) / max(1, len(exits)),
+            "throughput_rps": run["throughput"],
+            "offered_rps": run["rate"],
+            "errors": len(answers) - len(ok),
+        }
+    base = stats["none"]
+    detail = {"rows": rows, "rate_rps": w.rate, "budget": BUDGET, "stats": stats}
+    detail["online_status"] = runs["online"]["earlyExits"]
+    figures = []
+    for policy in ("fixed", "online"):
+        s = stats[policy]
+        figures += [
+            Figure(
+                f"{w.name}: median latency, {policy} early exits vs none",
+                s["p50_ms"] / base["p50_ms"] - 1,
+                "ratio-1",
+                "<= -0.4"
+                if (w.name == "vision" and policy == "online")
+                else ("<= -0.15" if policy == "online" else ""),
+                f"none: p50 {base['p50_ms']:.1f} ms, {policy}: {s['p50_ms']:.1f} ms "
+                f"({100 * s['early_fraction']:.0f}% answered by a ramp)",
+                detail=detail if policy == "online" else {},
+            ),
+            Figure(
+                f"{w.name}: p99 latency, {policy} early exits vs none",
+                s["p99_ms"] / base["p99_ms"] - 1,
+                "ratio-1",
+                "",
+                f"none: p99 {base['p99_ms']:.1f} ms, {policy}: {s['p99_ms']:.1f} ms",
+            ),
+            Figure(
+                f"{w.name}: accuracy loss vs the full model, {policy} early exits",
+                s["accuracy_loss"],
+                "fraction",
+                f"<= {BUDGET}" if policy == "online" else "",
+                f"none: {base['accuracy_loss']:.4f} (same model, must be 0); {rows} test rows",
+            ),
+            Figure(
+                f"{w.name}: throughput, {policy} early exits ÷ none ({CLIENTS} clients)",
+                s["throughput_rps"] / base["throughput_rps"],
+                "x",
+                ">= 0.97" if policy == "online" else "",
+                f"none: {base['throughput_rps']:.1f}/s, {policy}: {s['throughput_rps']:.1f}/s",
+            ),
+        ]
+    shift = runs["online"]["shift"]
+    wrong = [
+        bool(a[1] is None or a[1] != ref) for a, ref in zip(shift, shifted_reference, strict=True)
+    ]
+    recovered = _recovery(wrong)
+    figures.append(
+        Figure(
+            f"{w.name}: after an input-mix shift, requests until the budget holds again",
+            -1.0 if recovered is None else recovered,  # -1: not within the shifted requests
+            "requests",
+            "",
+            f"disagreement over the last 100 answers <= {BUDGET}; {len(shift)} shifted requests, "
+            f"loss over them {sum(wrong) / max(1, len(wrong)):.4f}",
+        )
+    )
+    return figures
+
+
+async def run(quick: bool = False) -> list[Figure]:
+    torch.set_num_threads(1)
+    figures = []
+    for workload in (VISION, TEXT):
+        figures += await _workload(workload, quick)
+    return figures

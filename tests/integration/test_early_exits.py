@@ -1,0 +1,133 @@
+"""Early exits served by real worker processes over HTTP and Gloo worlds (toy models).
+
+Covers:
+- a ramp's answer reaches the client before the last stage finishes: with a slow last
+  stage, the client holds an answer marked ``exit: 0`` while the front has labelled no
+  row yet and the last stage has finished no compute; the row still runs to the end and
+  its final answer then labels the exit (ordering, never wall time);
+- ``parameters.early_exit: false`` gets the full model's exact answer (``exit: final``),
+  and a non-boolean value is a 400 naming the parameter;
+- with the online policy over two stages, the ramp that lives in the second stage sends
+  its answers back to the front (EXIT messages), every ramp is labelled, the front exports
+  the ramp metrics and ``GET /v1/ramps`` shows their state; the pipeline then drains;
+- a worker refuses a ramps file made for another model, naming ``earlyExits.rampsFile``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worldmesh_worker.exits.ramps import save_ramps
+from worldmesh_worker.exits.train import train
+from worldmesh_worker.loadgen import toy_request
+from worldmesh_worker.local import LocalPipeline, wait_until
+from worldmesh_worker.models import toy
+
+SLOW_LAST = {"WORLDMESH_TOY_BLOCK_DELAY_S": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def ramps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("ramps")
+    paths = {}
+    for name in ("toy", "toy-slow"):
+        paths[name] = out / f"{name}.pt"
+        model = toy.ToyModel(name=name)  # no delay while training
+        save_ramps(paths[name], train(model, [0, 1, 2], train_rows=600, heldout_rows=300))
+    return paths
+
+
+async def post(pipeline: LocalPipeline, body: dict) -> tuple[int, dict]:
+    url = f"{pipeline.front.http_url}/v2/models/{pipeline.deployment}/infer"
+    async with pipeline.session.post(url, json=body) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def metric(pipeline: LocalPipeline, stage: int, name: str) -> float:
+    async with pipeline.session.get(pipeline.stage(stage)[0].http_url + "/metrics") as response:
+        text = await response.text()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def body(x: list[float], **parameters: object) -> dict:
+    doc: dict = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": x}]}
+    if parameters:
+        doc["parameters"] = parameters
+    return doc
+
+
+async def test_a_ramp_answer_reaches_the_client_before_the_last_stage_finishes(ramps):
+    exits = {"enabled": True, "rampsFile": str(ramps["toy-slow"]), "ramps": [0]}
+    exits.update(policy="fixed", threshold=1.0)  # every ramp answer is confident enough
+    async with LocalPipeline("toy-slow", [1], [1, 1], env=SLOW_LAST, early_exits=exits) as pipeline:
+        x = [float(v) for v in np.arange(-8, 8)]
+        status, answer = await post(pipeline, body(x))
+        # the answer is here: the front has no final answer for it yet, and the last stage
+        # (three blocks of 0.5 s) has not finished computing it
+        front = await pipeline.front.control.status()
+        last_done = await metric(pipeline, 1, "worldmesh_stage_compute_seconds_count")
+        assert status == 200 and answer["parameters"] == {"exit": 0}, answer
+        assert front["earlyExits"]["labelled"] == 0 and last_done == 0
+        # the row ran on to the last stage, whose answer labelled the exit
+        await wait_until(
+            lambda: _labelled(pipeline, 1), 30, "the final answer labels the ramp's exit"
+        )
+        assert await metric(pipeline, 1, "worldmesh_stage_compute_seconds_count") == 1
+        assert await metric(pipeline, 0, "worldmesh_early_exits_total") == 1
+
+        status, answer = await post(pipeline, body(x, early_exit=False))
+        assert status == 200 and answer["parameters"] == {"exit": "final"}
+        y = next(o for o in answer["outputs"] if o["name"] == "y")["data"]
+        assert y == toy.reference(np.array([x]))[0].tolist()
+
+        status, answer = await post(pipeline, body(x, early_exit="yes"))
+        assert status == 400 and "parameters.early_exit: expected a boolean" in answer["error"]
+
+
+async def _labelled(pipeline: LocalPipeline, n: int) -> bool:
+    return (await pipeline.front.control.status())["earlyExits"]["labelled"] >= n
+
+
+async def test_online_early_exits_across_stages_label_every_ramp(ramps):
+    exits = {"enabled": True, "rampsFile": str(ramps["toy"]), "accuracyBudget": 0.05}
+    async with LocalPipeline("toy", [2], [1, 1], early_exits=exits) as pipeline:
+        requests = [toy_request(i) for i in range(160)]
+        for start in range(0, len(requests), 16):
+            answers = await asyncio.gather(
+                *(post(pipeline, b) for b, _ in requests[start : start + 16])
+            )
+            assert all(status == 200 for status, _ in answers), answers
+            for (_, answer), (_, check) in zip(answers, requests[start : start + 16], strict=True):
+                if answer["parameters"]["exit"] == "final":
+                    assert check(answer), answer
+        await wait_until(lambda: _labelled(pipeline, 160), 30, "every row labelled")
+        ramps_state = await pipeline.front.control.call("GET", "/v1/ramps")
+        by_ramp = {r["ramp"]: r for r in ramps_state["ramps"]}
+        assert sorted(by_ramp) == [0, 1, 2] and ramps_state["policy"] == "online"
+        # ramp 2 runs in stage 1: its answers came back to the front and were labelled
+        assert all(by_ramp[r]["agreement"] is not None for r in (0, 1, 2)), by_ramp
+        for name in ("worldmesh_ramp_threshold", "worldmesh_ramp_active"):
+            text = await _metrics_text(pipeline)
+            assert sum(f"{name}{{" in line and 'ramp="2"' in line for line in text) == 1
+        stage1 = await pipeline.stage(1)[0].control.call("GET", "/v1/ramps")
+        assert set(stage1["active"]) == {r for r, s in by_ramp.items() if s["active"]}
+        assert (await pipeline.front.control.drain(wait=10))["drained"]
+
+
+async def _metrics_text(pipeline: LocalPipeline) -> list[str]:
+    async with pipeline.session.get(pipeline.front.http_url + "/metrics") as response:
+        return (await response.text()).splitlines()
+
+
+async def test_a_worker_refuses_a_ramps_file_of_another_model(ramps):
+    exits = {"enabled": True, "rampsFile": str(ramps["toy"])}
+    with pytest.raises(RuntimeError) as caught:
+        async with LocalPipeline("toy-slow", [], [1], early_exits=exits):
+            pass
+    message = str(caught.value)
+    assert "earlyExits.rampsFile:" in message
+    assert "ramps for model 'toy' with 4 blocks do not match model 'toy-slow'" in message

@@ -1,0 +1,61 @@
+"""Ramp management: which ramps run, by their measured utility, under a ramp-overhead budget.
+
+Apparate's rule: a ramp's utility is ``exit rate x latency saved - pass-through rate x
+ramp cost``, where the exit rate is what the tuned thresholds give on the recent
+window, the latency saved is measured (final answer time minus the ramp's answer time)
+and the cost is the measured compute time the ramp adds to each batch that runs it.
+
+``decide`` is pure. From each ramp's ``RampStats`` it returns the new active set:
+- an active ramp with enough labelled rows and no utility (``<= 0``) is switched off;
+- while the active ramps' summed cost exceeds the budget (``ramp_budget`` x the mean
+  full-model latency), the one with the lowest utility is switched off;
+- every ``explore_every``-th decision, one inactive ramp (the one off the longest) is
+  switched on to be measured (not one switched off by this decision), if its last known cost (or the largest known one) fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RampStats:
+    active: bool
+    samples: int  #: labelled rows this ramp answered in the window
+    exit_rate: float  #: fraction of the window's rows it would release
+    saved_s: float  #: mean latency saved per exit at this ramp
+    cost_s: float | None  #: measured compute time it adds per batch (None: never measured)
+    off_since: int = 0  #: the decision number at which it was switched off
+
+    @property
+    def utility(self) -> float:
+        return self.exit_rate * self.saved_s - (1.0 - self.exit_rate) * (self.cost_s or 0.0)
+
+
+def decide(
+    stats: Mapping[int, RampStats],
+    budget_s: float,
+    decision: int,
+    min_samples: int = 64,
+    explore_every: int = 8,
+) -> set[int]:
+    """The ramps to run after decision number ``decision`` (see module docstring)."""
+    active = {
+        site for site, s in stats.items() if s.active and (s.samples < min_samples or s.utility > 0)
+    }
+    known = [s.cost_s for s in stats.values() if s.cost_s is not None]
+
+    def cost(site: int) -> float:
+        return stats[site].cost_s or 0.0
+
+    while active and sum(cost(s) for s in active) > budget_s:
+        active.discard(min(active, key=lambda s: (stats[s].utility, -s)))
+    if decision % explore_every == 0:
+        off = sorted((s for s in stats if not stats[s].active), key=lambda s: stats[s].off_since)
+        for site in off:
+            guess = stats[site].cost_s if stats[site].cost_s is not None else max(known, default=0)
+            if sum(cost(s) for s in active) + guess <= budget_s:
+                active.add(site)
+                break
+    return active

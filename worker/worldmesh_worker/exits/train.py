@@ -1,0 +1,209 @@
+"""``worldmesh ramps train MANIFEST|MODEL``: train a model's ramps by distillation.
+
+The backbone stays frozen: every training row runs through the full model once, the
+pooled features at every ramp site are kept, and each ramp (one linear layer on them)
+is fitted, like the task heads (``heads.train_linear_head``), to the *full model's own
+predictions*, not to the data set's labels: a ramp is only useful where it agrees with
+the final answer. Rows are a seeded subsample of the training split (``--train-rows``,
+default 2,000, so training takes about a minute on 2 cores), and a disjoint held-out
+subsample of the same split (``--heldout-rows``) measures each ramp's agreement with
+the full model and tunes the offline thresholds:
+
+- per ramp: ``tuner.tune`` on the held-out rows, with the latency saved by a ramp taken
+  as the fraction of blocks it skips, under the accuracy budget;
+- shared: the highest single threshold that keeps every ramp on within the budget (the
+  "every ramp on, one threshold tuned once offline" baseline).
+
+The file is written where the manifest's ``earlyExits.rampsFile`` points, else
+``<cache>/ramps/<model>.pt``. Exit status 2 on a bad argument, manifest or model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from worldmesh_worker.exits import tuner
+from worldmesh_worker.exits.ramps import (
+    Ramp,
+    RampInfo,
+    RampSet,
+    candidate_sites,
+    check_sites,
+    pooled,
+    ramps_path,
+    save_ramps,
+)
+from worldmesh_worker.models.heads import train_linear_head
+
+SEED = 0
+L2 = 1e-3  #: fixed (no selection): ramps are many, and this keeps training near a minute
+
+
+def samples(model: Any, split: str, rows: int, offset: int = 0) -> list[Any]:
+    """``rows`` inputs of ``model``'s data set (seeded), skipping the first ``offset`` of the
+    permutation, so two calls with disjoint ranges give disjoint rows."""
+    rng = np.random.default_rng(SEED)
+    if model.name == "efficientnet-lite0":
+        from worldmesh_worker.data import fashion_mnist
+
+        images, _ = fashion_mnist(split)  # type: ignore[arg-type]
+        pick = rng.permutation(len(images))[offset : offset + rows]
+        return [images[i] for i in pick]
+    if model.name == "minilm-l6":
+        from worldmesh_worker.data import rotten_tomatoes
+
+        texts, _ = rotten_tomatoes(split)  # type: ignore[arg-type]
+        pick = rng.permutation(len(texts))[offset : offset + rows]
+        return [texts[i].encode() for i in pick]
+    if model.name in ("toy", "toy-slow"):
+        x = rng.integers(-10, 11, size=(offset + rows, 16)).astype(np.float32)
+        return list(x[offset:])
+    raise ValueError(f"model {model.name!r}: no training data known for its ramps")
+
+
+def batch_inputs(model: Any, rows: Sequence[Any]) -> dict[str, np.ndarray]:
+    """One request holding ``rows`` for the model's single input."""
+    spec = model.inputs[0]
+    if spec.datatype == "BYTES":
+        return {spec.name: np.array(list(rows), dtype=object)}
+    return {spec.name: np.stack(rows)}
+
+
+def features(
+    model: Any, rows: Sequence[Any], sites: Sequence[int], chunk: int = 64, desc: str = ""
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Pooled features at every site, and the full model's logits, of ``rows``."""
+    feats: dict[int, list[torch.Tensor]] = {s: [] for s in sites}
+    logits = []
+    blocks = model.blocks()
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(rows), chunk), desc=desc, unit="batch", leave=False):
+            tensors = model.preprocess(batch_inputs(model, rows[i : i + chunk]))
+            for index, block in enumerate(blocks):
+                tensors = block(*tensors)
+                if index in feats:
+                    feats[index].append(pooled(tensors))
+            logits.append(tensors[0].float())
+    return {s: torch.cat(v) for s, v in feats.items()}, torch.cat(logits)
+
+
+def _errs(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    probs = torch.softmax(logits.double(), dim=1)
+    best = probs.max(dim=1)
+    return (1.0 - best.values).numpy(), best.indices.numpy()
+
+
+def train(
+    model: Any,
+    sites: Sequence[int],
+    train_rows: int = 2000,
+    heldout_rows: int = 1000,
+    budget: float = 0.01,
+) -> RampSet:
+    """Fit a ramp at every site of ``model``; return them with their measurements."""
+    check_sites(model, sites)
+    started = time.perf_counter()
+    rows = samples(model, "train", train_rows + heldout_rows)
+    train_x, final_train = features(model, rows[:train_rows], sites, desc="train rows")
+    held_x, final_held = features(model, rows[train_rows:], sites, desc="held-out rows")
+    target = final_train.argmax(1)
+    label = final_held.argmax(1).numpy()
+    classes = int(final_train.shape[1])
+    ramps: dict[int, Ramp] = {}
+    errs = np.zeros((len(label), len(sites)))
+    agree = np.zeros((len(label), len(sites)), dtype=bool)
+    for i, site in enumerate(tqdm(sites, desc="ramps", unit="ramp", leave=False)):
+        linear, _ = train_linear_head(train_x[site], target, classes, l2=L2)
+        ramps[site] = Ramp(site, linear).eval().requires_grad_(False)
+        with torch.inference_mode():
+            errs[:, i], pred = _errs(linear(held_x[site]))
+        agree[:, i] = pred == label
+    saved = np.array([(model.num_blocks - 1 - s) / model.num_blocks for s in sites])
+    levels = tuner.tune(errs, agree, [0] * len(sites), saved, budget)
+    shared = 0
+    for level in range(len(tuner.LEVELS)):
+        loss, _, _ = tuner.evaluate(errs, agree, np.full(len(sites), tuner.LEVELS[level]), saved)
+        if loss <= budget:
+            shared = level
+    info = {
+        site: RampInfo(site, float(agree[:, i].mean()), float(tuner.LEVELS[levels[i]]))
+        for i, site in enumerate(sites)
+    }
+    meta = {
+        "train_rows": train_rows,
+        "heldout_rows": len(label),
+        "budget": budget,
+        "seconds": time.perf_counter() - started,
+    }
+    return RampSet(
+        model.name, model.num_blocks, classes, ramps, info, float(tuner.LEVELS[shared]), meta
+    )
+
+
+def _target(arg: str) -> tuple[str, list[int], Path | None, float]:
+    """(model, sites, out, budget) from a manifest path or a model name."""
+    if arg.endswith((".yaml", ".yml", ".json")) or Path(arg).is_file():
+        import yaml
+
+        from worldmesh_operator.spec import parse_spec
+
+        spec = parse_spec(yaml.safe_load(Path(arg).read_text()))
+        exits = spec.early_exits
+        out = Path(exits.ramps_file) if exits.ramps_file else None
+        return spec.model, list(exits.ramps), out, exits.accuracy_budget
+    return arg, [], None, 0.01
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="worldmesh ramps",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train the ramps of a manifest's model (or a model name)")
+    p.add_argument("target", help="a ModelDeployment manifest, or a model name")
+    p.add_argument("--out", default=None, help="the ramps file (default: see above)")
+    p.add_argument("--train-rows", type=int, default=2000)
+    p.add_argument("--heldout-rows", type=int, default=1000)
+    p.add_argument("--cache", default=None, help="cache dir (default $WORLDMESH_CACHE)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from worldmesh_worker.models import ModelNotPrepared, load_model
+
+    try:
+        name, sites, out, budget = _target(args.target)
+        model = load_model(name, cache=args.cache)
+        sites = sites or candidate_sites(model)
+        ramps = train(model, sites, args.train_rows, args.heldout_rows, budget)
+    except (ValueError, OSError, ModelNotPrepared) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    path = Path(args.out) if args.out else out or ramps_path(model.name, args.cache)
+    save_ramps(path, ramps)
+    for site in sorted(ramps.info):
+        i = ramps.info[site]
+        print(
+            f"ramp after block {site:2d}: agreement {i.agreement:.4f} with the full model "
+            f"on {ramps.meta['heldout_rows']} held-out rows, threshold {i.threshold:.4g}"
+        )
+    print(
+        f"shared offline threshold {ramps.threshold:.4g} (budget {budget:g}); "
+        f"trained on {args.train_rows} rows in {ramps.meta['seconds']:.1f} s -> {path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
