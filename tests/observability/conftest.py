@@ -4,7 +4,8 @@
 - a real two-stage ``toy`` pipeline (two worker processes and their Gloo world) and sends it
   requests, good and bad, so the request, latency, batch and world series have samples;
 - the control plane's real ``ControlMetrics`` server, fed the sizes and decisions of the
-  two stages through its own API as the control loop does;
+  two stages through its own API as the control loop does, on an event loop of its own
+  thread (the fixture's loop is idle while a plain test runs, and a scrape must not wait);
 - the ``prometheus`` binary on 127.0.0.1 (free port, temporary storage), scraping both
   every second as jobs ``worldmesh-workers`` and ``worldmesh-operator``, with the chart's
   rules file loaded and evaluated every second.
@@ -21,10 +22,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,14 +121,29 @@ async def _scrape(session: aiohttp.ClientSession, url: str) -> str:
         return await response.text()
 
 
+def serve_in_thread(control: ControlMetrics) -> tuple[str, Callable[[], None]]:
+    """``control.serve()`` on a loop in a thread of its own; its address and a stop."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="control-metrics", daemon=True)
+    thread.start()
+    runner = asyncio.run_coroutine_threadsafe(control.serve("127.0.0.1", 0), loop).result(10)
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+    return f"127.0.0.1:{bound_port(runner)}", stop
+
+
 @pytest_asyncio.fixture(scope="package", loop_scope="package")
 async def live() -> AsyncIterator[Live]:
     binary = shutil.which("prometheus")
     assert binary, "the prometheus binary is missing: run `make setup` (Debian package)"
     control = ControlMetrics()
     async with LocalPipeline("toy", [2], [1, 1], deployment=DEPLOYMENT) as pipeline:
-        runner = await control.serve("127.0.0.1", 0)
-        operator = f"127.0.0.1:{bound_port(runner)}"
+        operator, stop_control = serve_in_thread(control)
         storage = tempfile.TemporaryDirectory(prefix="worldmesh-prometheus-")
         log_path = Path(storage.name) / "prometheus.log"
         process: subprocess.Popen[bytes] | None = None
@@ -186,5 +203,5 @@ async def live() -> AsyncIterator[Live]:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(timeout=30)
-            await runner.cleanup()
+            stop_control()
             storage.cleanup()
