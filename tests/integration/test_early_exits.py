@@ -1,15 +1,17 @@
 """Early exits served by real worker processes over HTTP and Gloo worlds (toy models).
 
 Covers:
-- a ramp's answer reaches the client before the last stage finishes: with a slow last
-  stage, the client holds an answer marked ``exit: 0`` while the front has labelled no
-  row yet and the last stage has finished no compute; the row still runs to the end and
-  its final answer then labels the exit (ordering, never wall time);
+- a ramp's answer reaches the client before the last stage finishes: with the last
+  stage's process stopped (SIGSTOP, its worlds told to wait for it), the client holds an
+  answer marked ``exit: 0`` while the front has labelled no row yet; once the last stage
+  runs again, the row runs to the end and its final answer labels the exit (ordering
+  held by the test, never wall time);
 - ``parameters.early_exit: false`` gets the full model's exact answer (``exit: final``),
   and a non-boolean value is a 400 naming the parameter;
 - with the online policy over two stages, the ramp that lives in the second stage sends
   its answers back to the front (EXIT messages), every ramp is labelled, the front exports
-  the ramp metrics and ``GET /v1/ramps`` shows their state; the pipeline then drains;
+  the ramp metrics and ``GET /v1/ramps`` shows their state, and the second stage comes to
+  run the front's active set (a CONTROL message: waited for); the pipeline then drains;
 - a worker refuses a ramps file made for another model, naming ``earlyExits.rampsFile``.
 """
 
@@ -27,17 +29,13 @@ from worldmesh_worker.loadgen import toy_request
 from worldmesh_worker.local import LocalPipeline, wait_until
 from worldmesh_worker.models import toy
 
-SLOW_LAST = {"WORLDMESH_TOY_BLOCK_DELAY_S": "0.5"}
-
 
 @pytest.fixture(scope="module")
 def ramps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("ramps")
     paths = {}
-    for name in ("toy", "toy-slow"):
-        paths[name] = out / f"{name}.pt"
-        model = toy.ToyModel(name=name)  # no delay while training
-        save_ramps(paths[name], train(model, [0, 1, 2], train_rows=600, heldout_rows=300))
+    paths["toy"] = out / "toy.pt"
+    save_ramps(paths["toy"], train(toy.ToyModel(), [0, 1, 2], train_rows=600, heldout_rows=300))
     return paths
 
 
@@ -61,17 +59,22 @@ def body(x: list[float], **parameters: object) -> dict:
 
 
 async def test_a_ramp_answer_reaches_the_client_before_the_last_stage_finishes(ramps):
-    exits = {"enabled": True, "rampsFile": str(ramps["toy-slow"]), "ramps": [0]}
+    exits = {"enabled": True, "rampsFile": str(ramps["toy"]), "ramps": [0]}
     exits.update(policy="fixed", threshold=1.0)  # every ramp answer is confident enough
-    async with LocalPipeline("toy-slow", [1], [1, 1], env=SLOW_LAST, early_exits=exits) as pipeline:
+    patient = {"heartbeatTimeoutMs": 600_000}  # a stopped peer is not a dead one here
+    async with LocalPipeline("toy", [1], [1, 1], worlds=patient, early_exits=exits) as pipeline:
         x = [float(v) for v in np.arange(-8, 8)]
-        status, answer = await post(pipeline, body(x))
-        # the answer is here: the front has no final answer for it yet, and the last stage
-        # (three blocks of 0.5 s) has not finished computing it
-        front = await pipeline.front.control.status()
-        last_done = await metric(pipeline, 1, "worldmesh_stage_compute_seconds_count")
+        last = pipeline.stage(1)[0]
+        assert await metric(pipeline, 1, "worldmesh_stage_compute_seconds_count") == 0
+        pipeline.freeze(last)  # the last stage cannot compute anything until thawed
+        try:
+            status, answer = await post(pipeline, body(x))
+            # the answer is here, and the front has no final answer for it yet
+            front = await pipeline.front.control.status()
+        finally:
+            pipeline.thaw(last)
         assert status == 200 and answer["parameters"] == {"exit": 0}, answer
-        assert front["earlyExits"]["labelled"] == 0 and last_done == 0
+        assert front["earlyExits"]["labelled"] == 0
         # the row ran on to the last stage, whose answer labelled the exit
         await wait_until(
             lambda: _labelled(pipeline, 1), 30, "the final answer labels the ramp's exit"
@@ -113,8 +116,14 @@ async def test_online_early_exits_across_stages_label_every_ramp(ramps):
         for name in ("worldmesh_ramp_threshold", "worldmesh_ramp_active"):
             text = await _metrics_text(pipeline)
             assert sum(f"{name}{{" in line and 'ramp="2"' in line for line in text) == 1
-        stage1 = await pipeline.stage(1)[0].control.call("GET", "/v1/ramps")
-        assert set(stage1["active"]) == {r for r, s in by_ramp.items() if s["active"]}
+        active = sorted(r for r, s in by_ramp.items() if s["active"])
+
+        async def stage1_runs_the_active_set() -> bool:
+            # the front's CONTROL message with its active set may still be on its way
+            state = await pipeline.stage(1)[0].control.call("GET", "/v1/ramps")
+            return sorted(state["active"]) == active
+
+        await wait_until(stage1_runs_the_active_set, 30, "stage 1 runs the front's ramps")
         assert (await pipeline.front.control.drain(wait=10))["drained"]
 
 

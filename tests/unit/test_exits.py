@@ -11,14 +11,27 @@ Covers:
   the operator's block counts equal the models';
 - the tuner, fed a stream recorded from the real toy model and its ramps (clean rows,
   then a shift to noisy rows): no tune ever leaves its window over budget, thresholds
-  rise from zero while the ramps agree, and after the shift the released answers are
-  back within budget within a bounded number of requests;
+  rise from zero while the ramps agree and the clean phase's released answers are within
+  budget; after the shift the tuned thresholds hold the budget on the new mix again
+  within a bounded number of requests, and the answers released after that lose at
+  most twice the budget (1.2% at a 1% budget on this stream: the tuner keeps its window
+  within budget, the rows it has not seen yet can go over);
+- a manager switching a ramp off tunes the ramps left again; an early exit counts once
+  per released request (a partly confident request is none);
+- a malformed ramps file (another format, non-dict ramps, a non-int site, a missing
+  weight, thresholds outside [0, 1]) is a ``RampFileError`` naming what is wrong, and a
+  worker's ``ConfigError`` naming ``earlyExits.rampsFile``;
+- the stage (no worlds): its ramps are loaded before its module moves to the device; a
+  request waiting for room is refused when the worker drains or its timeout passes, and
+  a handler cancelled after an early release gives its room back; a malformed EXIT
+  message breaks its world with the reason and is not used;
 - the manager switches off ramps with no utility, keeps the summed cost under the ramp
   budget, and tries an inactive ramp again; the controller exports the metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from pathlib import Path
 
@@ -31,6 +44,7 @@ from torch import nn
 
 from worldmesh_operator.spec import SpecError, parse_spec
 from worldmesh_worker.config import ConfigError, parse_config
+from worldmesh_worker.errors import ServiceUnavailable
 from worldmesh_worker.exits import manager, tuner
 from worldmesh_worker.exits.controller import ExitController
 from worldmesh_worker.exits.ramps import (
@@ -44,6 +58,8 @@ from worldmesh_worker.exits.sites import BUILTIN_BLOCKS
 from worldmesh_worker.exits.train import train
 from worldmesh_worker.metrics import WorkerMetrics
 from worldmesh_worker.models.toy import ToyModel
+from worldmesh_worker.stage import Stage, exit_problem
+from worldmesh_worker.worlds import Message, MessageKind
 
 ROOT = Path(__file__).parents[2]
 BUDGET = 0.01
@@ -136,6 +152,12 @@ def test_an_unknown_ramp_site_is_rejected_with_its_field_path() -> None:
         parse_config({**base, "earlyExits": {"ramps": [2, 2]}}, env={})
     with pytest.raises(ConfigError, match=r"earlyExits.policy: must be online or fixed"):
         parse_config({**base, "earlyExits": {"policy": "x"}}, env={})
+    # the fixed threshold: absent or null is the file's; any number is checked, none unsets
+    for exits in ({}, {"threshold": None}):
+        assert parse_config({**base, "earlyExits": exits}, env={}).early_exits.threshold is None
+    assert parse_config({**base, "earlyExits": {"threshold": 0}}, env={}).early_exits.threshold == 0
+    with pytest.raises(ConfigError, match=r"earlyExits.threshold: must be >= 0, got -1"):
+        parse_config({**base, "earlyExits": {"threshold": -1}}, env={})
 
 
 def test_stage_config_passes_early_exits_to_the_workers() -> None:
@@ -197,12 +219,16 @@ def replay(controller: ExitController, clock: Clock, errs, preds, labels, after_
     wrong = []
     for row, (e, p, label) in enumerate(zip(errs, preds, labels, strict=True)):
         clock.now = 10.0 * row
-        controller.start(row, early=True)
+        controller.start_request([row], early=True)
         released = None
         for i, site in enumerate(controller.sites):
             clock.now = 10.0 * row + 1 + i
-            if site in controller.active and controller.on_ramp(row, site, 1 - e[i], int(p[i])):
-                released = released if released is not None else i
+            answered = site in controller.active and controller.on_ramp(
+                row, site, 1 - e[i], int(p[i])
+            )
+            if answered and released is None:  # a one-row request: answered is released
+                released = i
+                controller.on_release(site)
         clock.now = 10.0 * row + 4
         decisions = controller.decisions
         controller.on_final(row, int(label))
@@ -249,13 +275,16 @@ def test_the_tuner_never_ends_a_window_over_budget_and_recovers_after_a_shift(
     # thresholds rose from zero on the clean rows, and rows were released
     assert sum(controller.exits.values()) > 400
     assert next(t[3] for t in tunes if t[0] == 800) > 0
-    assert wrong[200:800].mean() <= 2 * BUDGET, wrong[200:800].mean()
+    # the released answers of the clean phase (after the first climb) are within budget
+    assert wrong[200:800].mean() <= BUDGET, wrong[200:800].mean()
     # the clean phase's thresholds break the budget on the noisy mix...
     assert next(t[2] for t in tunes if t[0] == 800) > 2 * BUDGET
     # ...and within tens of requests after the shift the tuner's thresholds hold it again
     recovered = next(t[0] - 800 for t in tunes if t[0] > 800 and t[2] <= BUDGET)
     print(f"requests after the shift until the thresholds hold the budget again: {recovered}")
     assert recovered <= 96, tunes
+    # on the rows after that (a window later), the realized loss is held near the budget,
+    # not under it: thresholds tuned on a window meet rows they have not seen (1.2% here)
     assert wrong[800 + recovered + 256 :].mean() <= 2 * BUDGET, (
         wrong[800:].reshape(8, 100).mean(1),
         tunes[50:],
@@ -303,9 +332,10 @@ def test_the_controller_exports_ramp_metrics() -> None:
         every=1,
         clock=clock,
     )
-    controller.start(1, early=True)
-    assert controller.on_ramp(1, 0, 0.9, 3)  # err 0.1 < 0.5: released
-    assert not controller.on_ramp(1, 2, 0.99, 3)  # already released
+    controller.start_request([1], early=True)
+    assert controller.on_ramp(1, 0, 0.9, 3)  # err 0.1 < 0.5: answered
+    assert not controller.on_ramp(1, 2, 0.99, 3)  # already answered
+    controller.on_release(0)  # the stage releases the (one-row) request
     controller.on_final(1, 3)
     value = registry.get_sample_value
     labels = {"deployment": "d", "stage": "0", "worker": "w"}
@@ -343,3 +373,236 @@ def test_ramps_train_reads_a_manifest_and_reports_agreement(
     path.write_text(yaml.safe_dump(manifest))
     assert main(["train", str(path)]) == 2
     assert "spec.earlyExits.ramps[0]: 3 is not a ramp site" in capsys.readouterr().err
+
+
+def test_the_manager_switching_a_ramp_off_retunes_the_ramps_left() -> None:
+    # Ramp 0 answers half the rows confidently and rightly; ramp 1 is right on the other
+    # half, but confidently wrong exactly on the rows ramp 0 catches first. Ramp 0 costs
+    # too much for the ramp budget, so the manager switches it off at the first decision:
+    # ramp 1's threshold, tuned while ramp 0 caught those rows, must be tuned again.
+    clock = Clock()
+    switches: list[tuple[list[int], float]] = []  # (active set, ramp 1's threshold)
+    controller = ExitController(
+        [0, 1],
+        {0: 0.0, 1: 0.0},
+        WorkerMetrics(CollectorRegistry(), "d", 0, "w"),
+        budget=0.1,
+        ramp_budget=0.1,  # x the full-model latency (4 s): 0.4 s of ramp cost per batch
+        every=16,
+        recent=8,
+        prior=0.0,
+        on_active=lambda active: switches.append((active, controller.threshold(1))),
+        clock=clock,
+    )
+    controller.on_cost(0, 2.0)
+    controller.on_cost(1, 0.1)
+    wrong_after = []
+    for row in range(64):
+        easy = row % 2 == 0  # ramp 0 is sure and right; ramp 1 sure and wrong
+        clock.now = 10.0 * row
+        controller.start_request([row], early=True)
+        answers = {0: (0.999, 1), 1: (0.998, 2)} if easy else {0: (0.1, 3), 1: (0.99, 1)}
+        released = None
+        for i, site in enumerate(controller.sites):
+            clock.now = 10.0 * row + 1 + i
+            if site in controller.active and controller.on_ramp(row, site, *answers[site]):
+                released = answers[site][1] if released is None else released
+        if switches:
+            wrong_after.append(released is not None and released != 1)
+        clock.now = 10.0 * row + 4
+        decisions = controller.decisions
+        controller.on_final(row, 1)
+        if controller.decisions != decisions:
+            # every tune, the one of the switch included, leaves its window within budget
+            assert window_loss(controller) <= 0.1, (controller.levels, controller.active)
+    assert controller.decisions > 1 and switches[0][0] == [1]  # ramp 0 off at once
+    # the switch came with ramp 1's threshold back under its error on the easy rows
+    assert switches[0][1] <= 0.002
+    assert len(wrong_after) == 48 and not any(wrong_after)
+
+
+def test_an_early_exit_counts_once_per_released_request() -> None:
+    registry = CollectorRegistry()
+    controller = ExitController(
+        [0], {0: 0.5}, WorkerMetrics(registry, "d", 0, "w"), policy="fixed", every=1
+    )
+    controller.start_request([1, 2], early=True)
+    assert controller.on_ramp(1, 0, 0.9, 0)  # row 1 is answered...
+    assert not controller.on_ramp(2, 0, 0.3, 0)  # ...row 2 is not: nothing is released
+    controller.on_final(1, 0)
+    controller.on_final(2, 0)
+    labels = {"deployment": "d", "stage": "0", "worker": "w", "ramp": "0"}
+    assert not registry.get_sample_value("worldmesh_early_exits_total", labels)
+    assert controller.status()["ramps"][0]["exits"] == 0
+    controller.start_request([3, 4], early=True)
+    assert controller.on_ramp(3, 0, 0.9, 0) and controller.on_ramp(4, 0, 0.8, 0)
+    controller.on_release(0)  # both rows answered: the stage releases the request
+    assert registry.get_sample_value("worldmesh_early_exits_total", labels) == 1
+    ramp = controller.status()["ramps"][0]
+    assert ramp["exits"] == 1 and ramp["exitRate"] == 0.5  # of 2 requests, not 4 rows
+
+
+# --- bad ramps files ------------------------------------------------------------------
+
+
+def _payload(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p.update(format=7), "ramps file format 7, this worker reads format 1"),
+        (lambda p: p.pop("classes"), "not a ramps file: no 'classes' entry"),
+        (lambda p: p.update(ramps=[1, 2]), "ramps is a list, not a dict by block"),
+        (lambda p: p["ramps"].update({"a": p["ramps"][0]}), "ramp key 'a' is not a block"),
+        (lambda p: p["ramps"].update({1: "x"}), "the ramp at block 1 is a str, not a dict"),
+        (lambda p: p["ramps"][0].pop("weight"), "the ramp at block 0 has no 'weight'"),
+        (lambda p: p["ramps"][0].update(weight=[1.0]), "weight is not a float tensor"),
+        (lambda p: p["ramps"][2].update(threshold=1.5), "ramp 2 threshold 1.5 is not a number"),
+        (lambda p: p["ramps"][2].update(threshold=None), "ramp 2 threshold None is not"),
+        (lambda p: p.update(threshold=-0.1), "threshold -0.1 is not a number in [0, 1]"),
+        (lambda p: p.update(classes="4"), "classes '4' is not a positive integer"),
+    ],
+)
+def test_a_malformed_ramps_file_is_refused_naming_what_is_wrong(
+    toy_ramps: Path, tmp_path: Path, change, message: str
+) -> None:
+    payload = _payload(toy_ramps)
+    change(payload)
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    with pytest.raises(RampFileError) as caught:
+        load_ramps(bad, ToyModel())
+    assert message in str(caught.value)
+    # a worker names the field
+    with pytest.raises(ConfigError, match=r"^earlyExits\.rampsFile: .*bad\.pt: "):
+        make_stage(bad)
+    torch.save("just a string", bad)
+    with pytest.raises(RampFileError, match="not a ramps file: a str, not a dict"):
+        load_ramps(bad, ToyModel())
+
+
+# --- the stage's early-exit paths (no worlds, no batch loop) --------------------------
+
+
+def make_stage(path: Path, model: ToyModel | None = None, limits=None, **exits) -> Stage:
+    early = {"enabled": True, "rampsFile": str(path), "ramps": [0], "policy": "fixed"}
+    raw = {"deployment": "d", "worker": "w", "stage": 0, "model": "toy", "limits": limits or {}}
+    config = parse_config({**raw, "earlyExits": {**early, **exits}}, env={})
+    return Stage(config, model or ToyModel(), WorkerMetrics(CollectorRegistry(), "d", 0, "w"))
+
+
+class RecordingToy(ToyModel):
+    """Records the order of ramp loading (example inputs) and stage building."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def example_inputs(self):
+        self.calls.append("ramp widths")
+        return super().example_inputs()
+
+    def stage(self, *args, **kwargs):
+        self.calls.append("stage module")
+        return super().stage(*args, **kwargs)
+
+
+def test_the_ramps_are_loaded_before_the_stage_module_moves_to_its_device(
+    toy_ramps: Path,
+) -> None:
+    # Loading runs the blocks on CPU example inputs to find the ramp widths; ``.to(device)``
+    # moves the very same blocks in place, so on CUDA the other order fails at start.
+    model = RecordingToy()
+    make_stage(toy_ramps, model)
+    assert model.calls == ["ramp widths", "stage module"]
+
+
+def _confident(rows: int, sure: list[bool]) -> torch.Tensor:
+    logits = torch.zeros(rows, 4)
+    for i, s in enumerate(sure):
+        logits[i, 0] = 20.0 if s else 0.0
+    return logits
+
+
+async def _submitted(stage: Stage, task: asyncio.Task, n: int) -> list[int]:
+    while len(stage.requests) < n and not task.done():
+        await asyncio.sleep(0)
+    return sorted(stage.requests)
+
+
+async def test_a_partly_confident_request_is_not_an_early_exit(toy_ramps: Path) -> None:
+    stage = make_stage(toy_ramps, threshold=0.5)
+    x = np.zeros((2, 16), dtype=np.float32)
+    task = asyncio.create_task(stage.answer({"x": x}))
+    rows = await _submitted(stage, task, 2)
+    stage._ramp_answer(rows, 0, _confident(2, [True, False]), 0.001)
+    assert stage.exits is not None and stage.exits.status()["ramps"][0]["exits"] == 0
+    assert not task.done() and stage._running_on == 0
+    stage._ramp_answer(rows, 0, _confident(2, [False, True]), 0.001)  # now both answered
+    _, exit_ = await task
+    assert exit_ == 0 and stage.exits.status()["ramps"][0]["exits"] == 1
+    assert stage._running_on == 2  # released rows run on to the last stage
+
+
+async def test_back_pressure_is_bounded_rechecked_and_never_leaks(toy_ramps: Path) -> None:
+    stage = make_stage(toy_ramps, limits={"requestTimeoutSeconds": 0.1}, threshold=0.5)
+    x = np.zeros((1, 16), dtype=np.float32)
+    # a handler cancelled after its request was released gives the room back
+    task = asyncio.create_task(stage.answer({"x": x}))
+    rows = await _submitted(stage, task, 1)
+    stage._ramp_answer(rows, 0, _confident(1, [True]), 0.001)
+    assert stage._running_on == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stage._running_on == 0 and not stage.requests
+    # a full pipeline: a waiting request is refused once the worker drains
+    stage._running_on = stage._running_on_limit
+    task = asyncio.create_task(stage.answer({"x": x}))
+    while not stage._room._waiters:
+        await asyncio.sleep(0)
+    stage.drain()
+    with pytest.raises(ServiceUnavailable, match="draining"):
+        await task
+    # and the wait is bounded by the request timeout
+    stage.draining = False
+    with pytest.raises(ServiceUnavailable, match=r"no room within 0.1 s"):
+        await stage.answer({"x": x})
+    assert not stage.requests
+
+
+async def test_a_malformed_exit_message_breaks_its_world_untouched(toy_ramps: Path) -> None:
+    stage = make_stage(toy_ramps, ramps=[0, 1], threshold=0.5)
+    good = torch.zeros(1, 2, 4)
+
+    def message(tensor=good, **meta) -> Message:
+        return Message(MessageKind.EXIT, (5, 6), (tensor,), {"ramps": [1], "costs": [0.01], **meta})
+
+    assert exit_problem(message(), 4, frozenset({0, 1})) is None
+    bad = {
+        "with ramp '1'": message(ramps=["1"]),
+        "with ramp 3, not one of": message(ramps=[3]),
+        "with ramp True": message(ramps=[True]),
+        "with ramp cost nan": message(costs=[float("nan")]),
+        "with ramp cost 'x'": message(costs=["x"]),
+        "with ramp cost -1": message(costs=[-1]),
+        "equal-length lists": message(costs=[0.1, 0.2]),
+        "logits have shape [1, 2, 5], not [1, 2, 4]": message(torch.zeros(1, 2, 5)),
+        "logits are not finite floats": message(torch.full((1, 2, 4), float("inf"))),
+    }
+    for reason, msg in bad.items():
+        world = FakeWorld()
+        stage._on_exit(world, msg)
+        assert len(world.broken) == 1 and reason in world.broken[0], (reason, world.broken)
+        assert world.broken[0].startswith("EXIT message ")
+    assert stage.exits is not None and all(c is None for c in stage.exits.cost.values())
+
+
+class FakeWorld:
+    def __init__(self) -> None:
+        self.broken: list[str] = []
+
+    def break_(self, reason: str) -> None:
+        self.broken.append(reason)

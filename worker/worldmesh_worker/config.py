@@ -161,7 +161,9 @@ def _early_exits(r: _Reader) -> EarlyExits:
     policy = r.str("policy", default="online")
     if policy not in ("online", "fixed"):
         raise ConfigError(f"{r._name('policy')}: must be online or fixed, got {policy!r}")
-    threshold = r.num("threshold", default=-1.0, lo=-1.0)
+    # absent (or null): the ramps file's shared threshold; never a sentinel number
+    unset = r.data.get("threshold") is None
+    threshold = 0.0 if unset else r.num("threshold", default=0.0, lo=0.0)
     budget = r.num("accuracyBudget", default=0.01, lo=0.0)
     ramp_budget = r.num("rampBudget", default=0.1, lo=0.0)
     for key, value in (
@@ -178,7 +180,7 @@ def _early_exits(r: _Reader) -> EarlyExits:
         ramps=tuple(ramps),
         ramps_file=r.str("rampsFile", default=""),
         policy=policy,
-        threshold=None if threshold < 0 else threshold,
+        threshold=None if unset else threshold,
     )
 
 

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,12 +63,51 @@ class _Request:
     exit: int = -1  #: the deepest ramp among the released rows
 
 
+def exit_problem(message: Message, classes: int, sites: frozenset[int]) -> str | None:
+    """What is wrong with an EXIT message (None: nothing): ``meta`` ``ramps`` (known ramp
+    sites, ints) and ``costs`` (finite seconds >= 0), one list entry per ramp, and one
+    float tensor ``[ramps, ids, classes]`` of finite logits."""
+    ramps, costs = message.meta.get("ramps"), message.meta.get("costs")
+    n = len(message.request_ids)
+    if not isinstance(ramps, list) or not isinstance(costs, list) or len(costs) != len(ramps):
+        return "whose meta lacks equal-length lists 'ramps' and 'costs'"
+    for site in ramps:
+        if type(site) is not int or site not in sites:
+            return f"with ramp {site!r}, not one of the deployment's ramps {sorted(sites)}"
+    for cost in costs:
+        if type(cost) not in (int, float) or not math.isfinite(cost) or cost < 0:
+            return f"with ramp cost {cost!r}, not a finite number of seconds"
+    if len(message.tensors) != 1:
+        return f"with {len(message.tensors)} tensors, not one"
+    logits = message.tensors[0]
+    want = (len(ramps), n, classes)
+    if tuple(logits.shape) != want:
+        return (
+            f"whose logits have shape {list(logits.shape)}, not {list(want)} (ramps, ids, classes)"
+        )
+    if not logits.is_floating_point() or not bool(torch.isfinite(logits).all()):
+        return "whose logits are not finite floats"
+    return None
+
+
 class Stage:
     def __init__(self, config: WorkerConfig, model: Any, metrics: WorkerMetrics) -> None:
         self.config = config
         self.model = model
         self.metrics = metrics
         self.device = torch.device(config.device)
+        self.ramps: dict[int, Ramp] = {}  # my ramps: block index -> ramp
+        self.ramp_active: set[int] = set()  # every active ramp of the deployment
+        self.exits: ExitController | None = None  # the front's, when early exits are on
+        self.ramp_sites: frozenset[int] = frozenset()  # the deployment's ramps
+        self._ramp_classes = 0  # the ramps' class width
+        self._running_on = 0  # front: released rows still running to the last stage
+        self._running_on_limit = 2 * config.batching.max_batch_size * config.stages
+        self._room = asyncio.Event()
+        if config.early_exits.enabled:
+            # before the blocks move to the device: loading runs the model's blocks on CPU
+            # example inputs to find each ramp's feature width (``.to`` moves them in place)
+            self._load_ramps()
         self.module = model.stage(list(config.split_points), config.stage).to(self.device).eval()
         # Only the front waits for a batch to fill: later stages get rows already batched,
         # and batch what arrived while they computed; a second wait would only add latency.
@@ -92,14 +132,6 @@ class Stage:
                 on_retry=metrics.retries.inc,
             )
         self.roles: dict[str, str] = {}  # world name -> UP or DOWN
-        self.ramps: dict[int, Ramp] = {}  # my ramps: block index -> ramp
-        self.ramp_active: set[int] = set()  # every active ramp of the deployment
-        self.exits: ExitController | None = None  # the front's, when early exits are on
-        self._running_on = 0  # front: released rows still running to the last stage
-        self._running_on_limit = 2 * config.batching.max_batch_size * config.stages
-        self._room = asyncio.Event()
-        if config.early_exits.enabled:
-            self._load_ramps()
         self.origins: dict[int, tuple[str, int]] = {}  # my row -> (upstream world, its row)
         self.requests: dict[int, _Request] = {}  # front only: my row -> request
         self.draining = False
@@ -136,6 +168,7 @@ class Stage:
             log.info("draining: no new work, finishing what is in flight")
             self.draining = True
             self.metrics.draining.set(1)
+            self._room.set()  # requests waiting for room are refused now
             self._announce()
 
     @property
@@ -182,6 +215,8 @@ class Stage:
             raise ConfigError(str(exc)) from None
         first, end = stage_bounds(self.model, list(self.config.split_points), self.config.stage)
         self.ramps = {s: r.to(self.device) for s, r in ramps.items() if first <= s < end}
+        self.ramp_sites = frozenset(sites)
+        self._ramp_classes = ramp_set.classes
         self.ramp_active = set(sites)
         if self.config.is_front:
             if exits.policy == "fixed":
@@ -228,6 +263,8 @@ class Stage:
                 continue
 
             def tap(tensors: tuple[torch.Tensor, ...], site: int = site, ramp: Ramp = ramp) -> None:
+                if tensors[0].is_cuda:  # the backbone's kernels are not the ramp's cost
+                    torch.cuda.synchronize(tensors[0].device)
                 start = time.perf_counter()
                 logits = ramp(tensors).float().to("cpu")
                 cost = time.perf_counter() - start
@@ -270,6 +307,7 @@ class Stage:
                 if done and request.early is not None and not request.early.done():
                     request.early.set_result(request.exit)
                     self._running_on += len(request.rows)
+                    self.exits.on_release(request.exit)  # one early exit per request
 
     # -- worlds ----------------------------------------------------------------------
 
@@ -375,18 +413,11 @@ class Stage:
 
     def _on_exit(self, world: World, message: Message) -> None:
         """Ramp answers from downstream: decide (front) or pass them on upstream."""
-        ramps, costs = message.meta.get("ramps"), message.meta.get("costs")
-        n = len(message.request_ids)
-        if (
-            not isinstance(ramps, list)
-            or not isinstance(costs, list)
-            or len(message.tensors) != 1
-            or message.tensors[0].dim() != 3
-            or tuple(message.tensors[0].shape[:2]) != (len(ramps), n)
-            or len(costs) != len(ramps)
-        ):
-            world.break_("EXIT message whose logits do not fit its ramps and ids")
+        problem = exit_problem(message, self._ramp_classes, self.ramp_sites)
+        if problem is not None:  # checked whole before any of it is used
+            world.break_(f"EXIT message {problem}")
             return
+        ramps, costs = message.meta["ramps"], message.meta["costs"]
         rows = list(message.request_ids)
         if self.exits is None:  # a middle stage: my rows -> my upstream's rows
             answers = [
@@ -423,12 +454,7 @@ class Stage:
         answer). With ``early`` and early exits on, the answer is released as soon as a
         ramp is confident for every row; the rows still run to the last stage, whose answer
         labels the exit for the tuner (front stage only)."""
-        if self.draining:
-            raise ServiceUnavailable("this worker is draining", retry_after=1.0)
-        if not self.accepting:
-            raise ServiceUnavailable(
-                f"stage {self.config.stage + 1} has no live worker", retry_after=1.0
-            )
+        self._admit(0)
         try:
             tensors = self.model.preprocess(inputs)
         except ValueError as exc:
@@ -436,24 +462,32 @@ class Stage:
         n = int(tensors[0].shape[0])
         if n == 0:
             raise InvalidInput("inputs: the batch dimension is 0")
-        if self.queue.rows + len(self.requests) + n > self.config.limits.max_queue_rows:
-            raise Overloaded(
-                f"{self.queue.rows + len(self.requests)} rows queued, limit "
-                f"{self.config.limits.max_queue_rows}",
-                retry_after=0.1,
-            )
+        self._admit(n)
         # Released rows still run to the end: a client answered early must not let the
         # front run ahead of the pipeline (closed-loop clients would pile up work below).
+        # The wait is bounded by the request timeout, and what it waited for is checked again.
+        loop = asyncio.get_running_loop()
+        timeout = self.config.limits.request_timeout_s
+        deadline = loop.time() + timeout
         while self.exits is not None and self._running_on >= self._running_on_limit:
             self._room.clear()
-            await self._room.wait()
+            left = deadline - loop.time()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(self._room.wait(), left)
+            except TimeoutError:
+                raise ServiceUnavailable(
+                    f"no room within {timeout:g} s: {self._running_on} answered rows "
+                    "still run to the last stage",
+                    retry_after=1.0,
+                ) from None
+            self._admit(n)
         rows = [next(self._ids) for _ in range(n)]
-        loop = asyncio.get_running_loop()
         request = _Request(rows, loop.create_future())
         if self.exits is not None:
             request.early = loop.create_future()
-            for row in rows:
-                self.exits.start(row, early)
+            self.exits.start_request(rows, early)
         for row in rows:
             self.requests[row] = request
         self.queue.put(Item(tensors, rows))
@@ -477,13 +511,34 @@ class Stage:
                 )
         finally:
             if not released:
+                pending = 0  # rows not yet back: their return would have made room
                 for row in rows:
-                    self.requests.pop(row, None)
+                    pending += self.requests.pop(row, None) is not None
                     if self.exits is not None:
                         self.exits.drop(row)
+                if request.early is not None and request.early.done():
+                    # released, then this handler was cancelled or timed out: its rows
+                    # can no longer give back their room when they return
+                    self._running_on -= pending
+                    self._room.set()
                 if self.router is not None:
                     self.router.forget(rows)
         return self.model.postprocess(outputs), None
+
+    def _admit(self, n: int) -> None:
+        """Refuse a request of ``n`` rows while draining, not accepting or over the queue limit."""
+        if self.draining:
+            raise ServiceUnavailable("this worker is draining", retry_after=1.0)
+        if not self.accepting:
+            raise ServiceUnavailable(
+                f"stage {self.config.stage + 1} has no live worker", retry_after=1.0
+            )
+        if n and self.queue.rows + len(self.requests) + n > self.config.limits.max_queue_rows:
+            raise Overloaded(
+                f"{self.queue.rows + len(self.requests)} rows queued, limit "
+                f"{self.config.limits.max_queue_rows}",
+                retry_after=0.1,
+            )
 
     # -- compute ---------------------------------------------------------------------
 

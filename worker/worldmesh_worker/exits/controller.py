@@ -3,9 +3,12 @@
 The front sees every ramp answer (its own ramps', and the later stages' ramps' as EXIT
 messages) and every final answer, so all online state lives here:
 
-- ``on_ramp``: record a ramp's answer for a row; it says *release* when the ramp is
-  active, the row may exit early, the row has not been released yet and the ramp's
-  error ``1 - max softmax`` is below its threshold.
+- ``on_ramp``: record a ramp's answer for a row; it says the row is *answered* when the
+  ramp is active, the row may exit early, the row has not been answered yet and the
+  ramp's error ``1 - max softmax`` is below its threshold. A request is released once
+  every one of its rows is answered; the stage then calls ``on_release``, which counts
+  one early exit of the request (at its deepest answering ramp): the exit counts and
+  ``exitRate`` (early exits per request started) are per request, never per row.
 - ``on_final``: the final answer labels every ramp answer of the row (agree or not)
   and adds the row to the window (the last ``window`` labelled rows); latency saved per
   ramp is measured as the time from the ramp's answer to the final one.
@@ -19,7 +22,9 @@ messages) and every final answer, so all online state lives here:
   rows before tuning, so the old mix cannot keep thresholds up (a reaction within tens
   of requests, where a full window would take hundreds);
   a change of the active set is passed to ``on_active`` (the stage tells the workers
-  that own the ramps). Policy ``fixed`` keeps the starting thresholds and every ramp on.
+  that own the ramps), and the thresholds are tuned again on the new set before they
+  are exported (a ramp switched off no longer catches rows that a later ramp, tuned
+  with it on, would release wrongly). Policy ``fixed`` keeps the starting thresholds and every ramp on.
 - Metrics (exits, thresholds, active, agreement) and ``status()`` for the control API.
 """
 
@@ -73,7 +78,7 @@ class ExitController:
         self.budget, self.ramp_budget, self.policy = budget, ramp_budget, policy
         self.every, self.safety = every, safety
         self.recent, self.shift_factor, self.prior = recent, shift_factor, prior
-        self.shifts = 0  # times the window was cut back to its recent rows
+        self.cuts = 0  # times a shift cut the window back to its recent rows
         self.on_active = on_active
         self.clock = clock
         self.rows: dict[int, _Row] = {}
@@ -85,6 +90,7 @@ class ExitController:
         self.seen = dict.fromkeys(self.sites, 0)  # labelled rows each ramp answered
         self.off_since = dict.fromkeys(self.sites, 0)
         self.labelled = 0
+        self.requests = 0  # requests started (the denominator of ``exitRate``)
         self.decisions = 0
         self._starts: dict[int, float] = {}
         self._export()
@@ -98,8 +104,20 @@ class ExitController:
         self.rows[row] = _Row(early)
         self._starts[row] = self.clock()
 
+    def start_request(self, rows: Sequence[int], early: bool) -> None:
+        """Start one request's rows (``start`` each) and count the request."""
+        self.requests += 1
+        for row in rows:
+            self.start(row, early)
+
+    def on_release(self, site: int) -> None:
+        """A request was answered early, by ramp ``site`` (its deepest answering ramp)."""
+        if site in self.exits:
+            self.exits[site] += 1
+            self.metrics.early_exits(site)
+
     def on_ramp(self, row: int, site: int, probs_max: float, pred: int) -> bool:
-        """Record a ramp answer; True when it releases the row (see module docstring)."""
+        """Record a ramp answer; True when it answers the row (see module docstring)."""
         track = self.rows.get(row)
         if track is None or site not in self.cost:
             return False
@@ -112,8 +130,6 @@ class ExitController:
             and err < self.threshold(site)
         ):
             track.released = site
-            self.exits[site] += 1
-            self.metrics.early_exits(site)
             return True
         return False
 
@@ -167,11 +183,11 @@ class ExitController:
         loss, _, _ = tuner.evaluate(
             errs[-recent:], agree[-recent:], tuner.LEVELS[self.levels], saved
         )
-        if loss > self.shift_factor * self.budget:
+        if loss > self.shift_factor * self.budget and len(self.window) > recent:
             errs, agree = errs[-recent:], agree[-recent:]
             for _ in range(len(self.window) - recent):
                 self.window.popleft()
-            self.shifts += 1
+            self.cuts += 1
         # a ramp's threshold rises only once it has answered enough rows that one
         # disagreement is within the budget (1/budget): fewer rows would overfit
         need = max(self.recent, 1.0 / max(self.budget, 1e-9))
@@ -202,10 +218,26 @@ class ExitController:
         if chosen != self.active:
             for site in self.active - chosen:
                 self.off_since[site] = self.decisions
+            started = np.array([s in chosen - self.active for s in self.sites])
             for site in chosen - self.active:  # a ramp tried again starts closed: no data yet
                 self.levels[self.sites.index(site)] = 0
-                self.values[site] = 0.0
             self.active = chosen
+            # tune again on the new set: the rows a ramp switched off released now reach
+            # later ramps, whose thresholds were tuned while it caught those rows
+            on = np.array([s in chosen for s in self.sites])
+            self.levels = tuner.tune(
+                np.where(on, errs, np.nan),
+                agree,
+                self.levels,
+                saved,
+                self.budget * self.safety,
+                on,
+                climb & on & ~started,
+                self.prior,
+            )
+            self.values = {
+                s: float(tuner.LEVELS[lv]) for s, lv in zip(self.sites, self.levels, strict=True)
+            }
             self.on_active(sorted(chosen))
         self._export()
 
@@ -224,14 +256,14 @@ class ExitController:
 
     def status(self) -> dict[str, Any]:
         agreement = self._agreement()
-        total = max(1, self.labelled)
+        total = max(1, self.requests)
         return {
             "policy": self.policy,
             "accuracyBudget": self.budget,
             "rampBudget": self.ramp_budget,
             "labelled": self.labelled,
             "window": len(self.window),
-            "shifts": self.shifts,
+            "shiftCuts": self.cuts,
             "ramps": [
                 {
                     "ramp": site,

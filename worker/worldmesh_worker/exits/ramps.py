@@ -16,7 +16,10 @@ Covers:
   offline threshold (the "one threshold tuned once" baseline). Written atomically.
   ``load_ramps`` refuses, with ``RampFileError`` naming what differs, a file made for
   another model, another block count, or with a feature or class width that does not
-  fit the model's activations, and a requested site the file has no ramp for.
+  fit the model's activations, and a requested site the file has no ramp for; any
+  malformed file (another format, a ramp that is not a dict keyed by its block, a
+  missing tensor, a threshold or agreement outside [0, 1]) is a ``RampFileError`` too,
+  never a raw ``TypeError``/``KeyError``.
 
 The default file is ``<cache>/ramps/<model>.pt`` (cache as for heads).
 """
@@ -158,16 +161,53 @@ def load_ramps(path: str | os.PathLike[str], model: Any) -> RampSet:
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        name, blocks, classes = payload["model"], payload["num_blocks"], payload["classes"]
-        raw = payload["ramps"]
-        threshold = float(payload["threshold"])
     except Exception as exc:
         raise RampFileError(f"{path}: not a ramps file: {exc}") from None
+    if not isinstance(payload, dict):
+        raise RampFileError(f"{path}: not a ramps file: a {type(payload).__name__}, not a dict")
+    missing = [
+        k
+        for k in ("format", "model", "num_blocks", "classes", "threshold", "ramps")
+        if k not in payload
+    ]
+    if missing:
+        raise RampFileError(f"{path}: not a ramps file: no {missing[0]!r} entry")
+    if payload["format"] != FORMAT:
+        raise RampFileError(
+            f"{path}: ramps file format {payload['format']!r}, this worker reads format {FORMAT}"
+        )
+    name, blocks, classes = payload["model"], payload["num_blocks"], payload["classes"]
+    raw, threshold = payload["ramps"], payload["threshold"]
+    if type(classes) is not int or classes < 1:
+        raise RampFileError(f"{path}: classes {classes!r} is not a positive integer")
+    if not isinstance(raw, dict):
+        raise RampFileError(f"{path}: ramps is a {type(raw).__name__}, not a dict by block")
+    _check_fraction(path, "threshold", threshold)
+    meta = payload.get("meta", {})
+    if not isinstance(meta, dict):
+        raise RampFileError(f"{path}: meta is a {type(meta).__name__}, not a dict")
     if name != model.name or blocks != model.num_blocks:
         raise RampFileError(
             f"{path}: ramps for model {name!r} with {blocks} blocks do not match model "
             f"{model.name!r} with {model.num_blocks} blocks"
         )
+    last = model.num_blocks - 2
+    for site, r in raw.items():
+        if type(site) is not int or not 0 <= site <= last:
+            raise RampFileError(
+                f"{path}: ramp key {site!r} is not a block index 0..{last} of {model.name!r}"
+            )
+        where = f"{path}: the ramp at block {site}"
+        if not isinstance(r, dict):
+            raise RampFileError(f"{where} is a {type(r).__name__}, not a dict")
+        for key in ("weight", "bias", "agreement", "threshold"):
+            if key not in r:
+                raise RampFileError(f"{where} has no {key!r}")
+        for key in ("weight", "bias"):
+            if not isinstance(r[key], torch.Tensor) or not r[key].is_floating_point():
+                raise RampFileError(f"{where}: {key} is not a float tensor")
+        _check_fraction(path, f"ramp {site} agreement", r["agreement"])
+        _check_fraction(path, f"ramp {site} threshold", r["threshold"])
     widths = feature_widths(model, sorted(raw))
     ramps, info = {}, {}
     for site, r in raw.items():
@@ -184,7 +224,13 @@ def load_ramps(path: str | os.PathLike[str], model: Any) -> RampSet:
             linear.bias.copy_(bias)
         ramps[site] = Ramp(site, linear).eval().requires_grad_(False)
         info[site] = RampInfo(site, float(r["agreement"]), float(r["threshold"]))
-    return RampSet(name, blocks, classes, ramps, info, threshold, dict(payload.get("meta", {})))
+    return RampSet(name, blocks, classes, ramps, info, float(threshold), dict(meta))
+
+
+def _check_fraction(path: Path, what: str, value: Any) -> None:
+    """``RampFileError`` unless ``value`` is a real number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise RampFileError(f"{path}: {what} {value!r} is not a number in [0, 1]")
 
 
 def feature_widths(model: Any, sites: Sequence[int]) -> dict[int, int]:
