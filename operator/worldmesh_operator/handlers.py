@@ -211,6 +211,8 @@ async def _step(
     managed.scaling.report(
         status, managed.spec, summary, body.get("status", {}).get("conditions", []), _now()
     )
+    if managed.runtime.early_exits:
+        status["earlyExits"] = builders.build_early_exit_status(managed.runtime.early_exits)
     current = {k: body.get("status", {}).get(k) for k in status}
     if current != status:
         patch.status.update(status)

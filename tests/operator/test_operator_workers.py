@@ -10,12 +10,15 @@
   workers keep their pids, no request fails.
 - A model that cannot load (the schema admits any ``module:function``): Degraded, with the
   worker's own error in the message.
+- Early exits on: the front worker's ramps (state, threshold, exit rate) reach
+  ``status.earlyExits``.
 """
 
 from __future__ import annotations
 
 import signal
 import socket
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -216,3 +219,43 @@ async def test_a_model_that_cannot_load_is_degraded_with_the_workers_error(
     condition = await wait_until(degraded, TIMEOUT, "Degraded with the worker's error", 0.1)
     assert "No module named 'no_such_package'" in condition["message"], condition
     assert (await status_of(api, "unloadable"))["readyWorkers"] == 0
+
+
+async def test_early_exit_state_reaches_the_status(
+    operator: kopf.Memo, kubelet: Kubelet, tmp_path: Path
+) -> None:
+    """With early exits on, the front worker's ramps (state, threshold, exit rate) show in
+    ``status.earlyExits`` once requests have labelled them."""
+    from worldmesh_worker.exits.ramps import save_ramps
+    from worldmesh_worker.exits.train import train
+    from worldmesh_worker.models import toy
+
+    ramps = tmp_path / "toy-ramps.pt"
+    save_ramps(ramps, train(toy.ToyModel(), [0, 1, 2], train_rows=600, heldout_rows=300))
+    api: KubeApi = operator.api
+    body = manifest("exits")
+    body["spec"]["earlyExits"] = {"enabled": True, "rampsFile": str(ramps)}
+    await api.create("modeldeployments", body)
+    front = await wait_until(
+        lambda: serving(api, kubelet, "exits", 4), TIMEOUT, "serving", interval=0.1
+    )
+    async with aiohttp.ClientSession() as session:
+        for i in range(40):
+            request, check = toy_request(i)
+            async with session.post(f"{front}/v2/models/exits/infer", json=request) as response:
+                assert response.status == 200 and check(await response.json())
+
+    async def reported() -> dict[str, Any] | None:
+        exits = (await status_of(api, "exits")).get("earlyExits", {})
+        workers = exits.get("workers", [])
+        return workers[0] if workers and workers[0]["labelled"] >= 40 else None
+
+    (front_pod,) = [
+        p["metadata"]["name"]
+        for p in await pods_of(api, "exits")
+        if p["metadata"]["labels"][builders.LABEL_STAGE] == "0"
+    ]
+    state = await wait_until(reported, TIMEOUT, "early exits in the status", interval=0.2)
+    assert state["worker"] == front_pod and state["policy"] == "online"
+    assert [r["ramp"] for r in state["ramps"]] == [0, 1, 2]
+    assert all("threshold" in r and "exitRate" in r for r in state["ramps"])

@@ -183,3 +183,51 @@ def test_invalid_status() -> None:
         "lastTransitionTime": "T",
         "observedGeneration": 4,
     }
+
+
+def test_early_exit_status_is_what_the_crd_keeps() -> None:
+    """The front workers' ramp states, rounded, unknown values left out, and valid against
+    the CRD's status schema (an API server prunes what its schema does not declare)."""
+    import jsonschema
+    import yaml
+
+    from worldmesh_operator.validate import default_crd_path
+
+    fronts = {
+        "md-s0-b": {
+            "policy": "online",
+            "labelled": 120,
+            "ramps": [
+                {
+                    "ramp": 0,
+                    "active": True,
+                    "threshold": 0.123456,
+                    "exitRate": 0.25,
+                    "agreement": 1.0,
+                },
+                {"ramp": 2, "active": False, "threshold": 0.0, "exitRate": 0.0, "agreement": None},
+            ],
+        },
+        "md-s0-a": {"policy": "online", "labelled": 0, "ramps": []},
+    }
+    status = builders.build_early_exit_status(fronts)
+    assert [w["worker"] for w in status["workers"]] == ["md-s0-a", "md-s0-b"]
+    assert status["workers"][1]["ramps"] == [
+        {"ramp": 0, "active": True, "threshold": 0.1235, "exitRate": 0.25, "agreement": 1.0},
+        {"ramp": 2, "active": False, "threshold": 0.0, "exitRate": 0.0},
+    ]
+    crd = yaml.safe_load(default_crd_path().read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    jsonschema.validate({"earlyExits": status}, _closed(schema))
+
+
+def _closed(schema: Any) -> Any:
+    """The schema with every object closed: a field it does not declare fails (pruned)."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if "properties" in schema:
+        out["additionalProperties"] = False
+    return out

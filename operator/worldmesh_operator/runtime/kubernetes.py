@@ -83,6 +83,8 @@ class KubernetesRuntime:
         self.token: str | None = None
         self.pods: dict[str, dict[str, Any]] = {}  # the last observation, by worker id
         self.failures: list[str] = []  # pod failures seen by the last observe()
+        #: The front workers' early-exit state (``earlyExits`` of their control status).
+        self.early_exits: dict[str, dict[str, Any]] = {}
         self._answered: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
 
@@ -147,6 +149,13 @@ class KubernetesRuntime:
                 )
             )
         self._answered &= set(self.pods)
+        self.early_exits = {
+            pod["metadata"]["name"]: status["earlyExits"]
+            for pod, status in zip(pods, statuses, strict=True)
+            if status
+            and pod["metadata"]["labels"][builders.LABEL_STAGE] == "0"
+            and "ramps" in (status.get("earlyExits") or {})
+        }
         return Observed(tuple(workers), merge_worlds(statuses))
 
     async def _status(self, pod: dict[str, Any]) -> dict[str, Any] | None:
