@@ -30,7 +30,7 @@ from . import builders
 from .metrics import ControlMetrics
 from .metrics_source import DirectScrape, MetricsSource, PrometheusSource, Target
 from .runtime.kubernetes import KubernetesRuntime
-from .scaling import Autoscaler, Decision, StageLoad, StageMemory
+from .scaling import Autoscaler, Decision, StageMemory, stage_loads
 from .spec import DeploymentSpec
 
 log = logging.getLogger(__name__)
@@ -116,18 +116,7 @@ class DeploymentScaling:
         running: dict[int, int] = {}
         for _, stage, _ in pod_targets(runtime, spec.ports.http):
             running[stage] = running.get(stage, 0) + 1
-        loads = [
-            StageLoad(
-                s.index,
-                self.wishes.get(s.index, max(s.min_replicas, running.get(s.index, 0))),
-                self.signals.get(s.index),
-                s.min_replicas,
-                s.max_replicas,
-                reporting=self.source.reporting.get(s.index),
-            )
-            for s in spec.stages
-            if spec.pinned_replicas(s.index) is None
-        ]
+        loads = stage_loads(spec, self.wishes, self.signals, self.source.reporting, running)
         current = {load.stage: load.current for load in loads}
         self.held = []
         for decision in self.autoscaler.decide(loads, now):

@@ -32,7 +32,7 @@ from .metrics import ControlMetrics, bound_port
 from .metrics_source import DirectScrape, MetricsSource, PrometheusSource, local_targets
 from .reconciler import Desired, DesiredStage, Observed, WorkerState, plan, summarize
 from .runtime.local import LocalRuntime, config_digest
-from .scaling import Autoscaler, StageLoad
+from .scaling import Autoscaler, stage_loads
 from .spec import DeploymentSpec, SpecError, parse_spec
 from .status import StatusBoard
 
@@ -162,18 +162,7 @@ class LocalDeployment:
         if self.autoscaler is None or self.autoscaler.spec != policy:
             self.autoscaler = Autoscaler(policy)
         signals = await self.metrics.stage_signals(policy.metric)
-        loads = [
-            StageLoad(
-                s.index,
-                self.wishes.get(s.index, s.min_replicas),
-                signals.get(s.index),
-                s.min_replicas,
-                s.max_replicas,
-                reporting=self.metrics.reporting.get(s.index),
-            )
-            for s in self.spec.stages
-            if self.spec.pinned_replicas(s.index) is None
-        ]
+        loads = stage_loads(self.spec, self.wishes, signals, self.metrics.reporting)
         current = {load.stage: load.current for load in loads}
         for decision in self.autoscaler.decide(loads, now):
             if decision.workers != current[decision.stage]:

@@ -34,7 +34,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from .spec import AutoscalingSpec
+from .spec import AutoscalingSpec, DeploymentSpec
 
 TOLERANCE = 0.1
 
@@ -61,6 +61,30 @@ class StageLoad:
             adjusted = (self.signal * measured + assumed * missing) / (self.current * target)
             return adjusted if (adjusted > 1) == (ratio > 1) else 1.0
         return ratio
+
+
+def stage_loads(
+    spec: DeploymentSpec,
+    wishes: dict[int, int],
+    signals: dict[int, float | None],
+    reporting: dict[int, int],
+    running: dict[int, int] | None = None,
+) -> list[StageLoad]:
+    """The loads of the stages the autoscaler steers (those ``spec.replicas`` does not pin):
+    each stage's current size is its last wish, else what runs (an operator that restarts
+    without memory), at least ``min``."""
+    return [
+        StageLoad(
+            s.index,
+            wishes.get(s.index, max(s.min_replicas, (running or {}).get(s.index, 0))),
+            signals.get(s.index),
+            s.min_replicas,
+            s.max_replicas,
+            reporting=reporting.get(s.index),
+        )
+        for s in spec.stages
+        if spec.pinned_replicas(s.index) is None
+    ]
 
 
 @dataclass(frozen=True, slots=True)
