@@ -42,6 +42,7 @@ import yaml
 
 from worldmesh_operator import handlers  # noqa: F401  (registers the handlers)
 from worldmesh_operator.runtime.kube_api import KubeApi
+from worldmesh_operator.validate import _plain  # plain dicts of kmock's own mapping types
 
 from .kubelet import Kubelet
 
@@ -58,15 +59,6 @@ class Call:
     path: str
     params: dict[str, str]
     user_agent: str
-
-
-def _plain(value: Any) -> Any:
-    """A deep copy as plain dicts and lists (kmock stores its own mapping types)."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _merged(target: Any, patch: Any) -> Any:

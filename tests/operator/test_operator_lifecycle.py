@@ -33,30 +33,16 @@ from worldmesh_worker.local import wait_until
 from .conftest import Emulator, running_operator
 from .kubelet import Kubelet
 from .test_operator import MD, pods_of, status_of
-from .test_operator_workers import free_port, serving
+from .test_operator_workers import manifest as workers_manifest
+from .test_operator_workers import serving
 
 TIMEOUT = 30.0
 KUBECTL = Path(__file__).resolve().parents[2] / "tools" / "kubectl"
 
 
 def manifest(name: str, middle: int = 1) -> dict[str, Any]:
-    """Three toy stages; ``/scale`` drives the middle one (1..3 workers)."""
-    return {
-        "apiVersion": MD,
-        "kind": "ModelDeployment",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "model": {"name": "toy", "splitPoints": [1, 3]},
-            "port": free_port(),
-            "controlPort": free_port(),
-            "scaleTarget": "middle",
-            "stages": [
-                {"name": "front", "replicas": {"min": 1, "max": 1}},
-                {"name": "middle", "replicas": {"min": middle, "max": 3}},
-                {"name": "back", "replicas": {"min": 1, "max": 1}},
-            ],
-        },
-    }
+    """Three toy stages; ``/scale`` drives the middle one (``middle``..3 workers)."""
+    return workers_manifest(name, middle=(middle, 3), scaleTarget="middle")
 
 
 def stage_of(pod: dict[str, Any]) -> str:

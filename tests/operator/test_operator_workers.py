@@ -42,8 +42,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def manifest(name: str) -> dict[str, Any]:
-    return {
+def manifest(name: str, middle: tuple[int, int] = (2, 2), **spec: Any) -> dict[str, Any]:
+    """Three toy stages on free ports; the middle one runs ``middle`` = (min, max) workers."""
+    low, high = middle
+    body: dict[str, Any] = {
         "apiVersion": MD,
         "kind": "ModelDeployment",
         "metadata": {"name": name, "namespace": "default"},
@@ -53,11 +55,13 @@ def manifest(name: str) -> dict[str, Any]:
             "controlPort": free_port(),
             "stages": [
                 {"name": "front", "replicas": {"min": 1, "max": 1}},
-                {"name": "middle", "replicas": {"min": 2, "max": 2}},
+                {"name": "middle", "replicas": {"min": low, "max": high}},
                 {"name": "back", "replicas": {"min": 1, "max": 1}},
             ],
         },
     }
+    body["spec"].update(spec)
+    return body
 
 
 async def serving(api: KubeApi, kubelet: Kubelet, name: str, workers: int) -> str | None:
