@@ -24,7 +24,8 @@ Covers:
 - the stage (no worlds): its ramps are loaded before its module moves to the device; a
   request waiting for room is refused when the worker drains or its timeout passes, and
   a handler cancelled after an early release gives its room back; a malformed EXIT
-  message breaks its world with the reason and is not used;
+  message breaks its world with the reason and is not used; a later stage runs the union
+  of the ramps its front workers ask for, and drops a front's when it goes;
 - the manager switches off ramps with no utility, keeps the summed cost under the ramp
   budget, and tries an inactive ramp again; the controller exports the metrics.
 """
@@ -63,6 +64,7 @@ from worldmesh_worker.worlds import Message, MessageKind
 
 ROOT = Path(__file__).parents[2]
 BUDGET = 0.01
+CLEAN = 2048  # clean rows of the recorded stream, before the shift (a multiple of 32)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +75,9 @@ def toy_ramps(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_pooled_features_of_each_kind_of_block() -> None:
-    image = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
-    quarters = image.reshape(2, 3, 2, 2, 2, 2).mean(dim=(3, 5))  # [N, C, 2, 2]
-    assert torch.equal(pooled((image,)), quarters.flatten(1))
+    image = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    ninths = image.reshape(2, 3, 3, 2, 3, 2).mean(dim=(3, 5))  # [N, C, 3, 3]
+    assert torch.equal(pooled((image,)), ninths.flatten(1))
     hidden = torch.ones(1, 3, 4)
     hidden[0, 2] = 100.0  # a padding token: masked out
     mask = torch.tensor([[1, 1, 0]])
@@ -248,8 +250,10 @@ def window_loss(controller: ExitController) -> float:
 def test_the_tuner_never_ends_a_window_over_budget_and_recovers_after_a_shift(
     toy_ramps: Path,
 ) -> None:
+    # one recorded stream: 2,048 clean rows (enough that a 1% loss is 18 rows, not 6),
+    # then 800 noisy ones
     rng = np.random.default_rng(7)
-    clean = record(toy_ramps, rng.integers(-10, 11, (800, 16)))
+    clean = record(toy_ramps, rng.integers(-10, 11, (CLEAN, 16)))
     noise = rng.integers(-10, 11, (800, 16))
     noisy = record(toy_ramps, rng.integers(-10, 11, (800, 16)) * 3 + noise)
     stream = [np.concatenate(parts) for parts in zip(clean, noisy, strict=True)]
@@ -270,23 +274,23 @@ def test_the_tuner_never_ends_a_window_over_budget_and_recovers_after_a_shift(
         tunes.append((controller.labelled, window_loss(controller), new_mix, thresholds.max()))
 
     wrong = replay(controller, clock, *stream, after_tune=after_tune)
-    assert len(tunes) == 1600 // controller.every
+    assert len(tunes) == (CLEAN + 800) // controller.every
     assert max(t[1] for t in tunes) <= BUDGET  # no tune leaves its window over budget
     # thresholds rose from zero on the clean rows, and rows were released
     assert sum(controller.exits.values()) > 400
-    assert next(t[3] for t in tunes if t[0] == 800) > 0
+    assert next(t[3] for t in tunes if t[0] == 800) > 0  # within 800 rows
     # the released answers of the clean phase (after the first climb) are within budget
-    assert wrong[200:800].mean() <= BUDGET, wrong[200:800].mean()
+    assert wrong[200:CLEAN].mean() <= BUDGET, wrong[200:CLEAN].mean()
     # the clean phase's thresholds break the budget on the noisy mix...
-    assert next(t[2] for t in tunes if t[0] == 800) > 2 * BUDGET
+    assert next(t[2] for t in tunes if t[0] == CLEAN) > 2 * BUDGET
     # ...and within tens of requests after the shift the tuner's thresholds hold it again
-    recovered = next(t[0] - 800 for t in tunes if t[0] > 800 and t[2] <= BUDGET)
+    recovered = next(t[0] - CLEAN for t in tunes if t[0] > CLEAN and t[2] <= BUDGET)
     print(f"requests after the shift until the thresholds hold the budget again: {recovered}")
     assert recovered <= 96, tunes
     # on the rows after that (a window later), the realized loss is held near the budget,
     # not under it: thresholds tuned on a window meet rows they have not seen (1.2% here)
-    assert wrong[800 + recovered + 256 :].mean() <= 2 * BUDGET, (
-        wrong[800:].reshape(8, 100).mean(1),
+    assert wrong[CLEAN + recovered + 256 :].mean() <= 2 * BUDGET, (
+        wrong[CLEAN:].reshape(8, 100).mean(1),
         tunes[50:],
     )
 
@@ -452,7 +456,7 @@ def _payload(path: Path) -> dict:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda p: p.update(format=7), "ramps file format 7, this worker reads format 1"),
+        (lambda p: p.update(format=7), "ramps file format 7, this worker reads format 2"),
         (lambda p: p.pop("classes"), "not a ramps file: no 'classes' entry"),
         (lambda p: p.update(ramps=[1, 2]), "ramps is a list, not a dict by block"),
         (lambda p: p["ramps"].update({"a": p["ramps"][0]}), "ramp key 'a' is not a block"),
@@ -600,8 +604,38 @@ async def test_a_malformed_exit_message_breaks_its_world_untouched(toy_ramps: Pa
     assert stage.exits is not None and all(c is None for c in stage.exits.cost.values())
 
 
+async def test_a_later_stage_runs_every_ramp_its_fronts_ask_for(toy_ramps: Path) -> None:
+    # Two front workers each manage their own active set and send it downstream: the
+    # stage that owns the ramps runs their union (the last front to speak must not switch
+    # off the other's ramps), and passes the union on; a front gone takes its ramps along.
+    early = {"enabled": True, "rampsFile": str(toy_ramps), "ramps": [0, 1, 2]}
+    raw = {"deployment": "d", "worker": "w1", "stage": 1, "splitPoints": [1], "model": "toy"}
+    config = parse_config({**raw, "earlyExits": early}, env={})
+    stage = Stage(config, ToyModel(), WorkerMetrics(CollectorRegistry(), "d", 1, "w1"))
+    assert stage.exits is None and sorted(stage.ramps) == [1, 2]  # block 0 is the front's
+    front_a, front_b = FakeWorld("a"), FakeWorld("b")
+    stage.roles.update(a="up", b="up")
+
+    def ask(world: FakeWorld, ramps: list[int]) -> None:
+        stage._on_message(world, Message(MessageKind.CONTROL, (), (), {"ramps": ramps}))
+
+    ask(front_a, [0, 1])
+    assert stage.ramp_active == {0, 1}
+    ask(front_b, [2])
+    assert stage.ramp_active == {0, 1, 2}
+    ask(front_a, [0])
+    assert stage.ramp_active == {0, 2}  # b still wants ramp 2
+    stage.manager.worlds.pop("a", None)
+    stage._on_world_down(front_a)  # front a is gone: only b's ramps are left
+    assert stage.ramp_active == {2}
+    assert not front_a.broken and not front_b.broken
+    await stage.stop()
+
+
 class FakeWorld:
-    def __init__(self) -> None:
+    def __init__(self, name: str = "fake") -> None:
+        self.name = name
+        self.state = None
         self.broken: list[str] = []
 
     def break_(self, reason: str) -> None:

@@ -97,7 +97,8 @@ class Stage:
         self.metrics = metrics
         self.device = torch.device(config.device)
         self.ramps: dict[int, Ramp] = {}  # my ramps: block index -> ramp
-        self.ramp_active: set[int] = set()  # every active ramp of the deployment
+        self.ramp_active: set[int] = set()  # the ramps this stage runs (when it owns them)
+        self._asked: dict[str, set[int]] = {}  # not the front: upstream world -> its ramps
         self.exits: ExitController | None = None  # the front's, when early exits are on
         self.ramp_sites: frozenset[int] = frozenset()  # the deployment's ramps
         self._ramp_classes = 0  # the ramps' class width
@@ -240,7 +241,10 @@ class Stage:
         return {"enabled": bool(self.ramp_active), "active": sorted(self.ramp_active)}
 
     def _set_ramps(self, active: list[int]) -> None:
-        """A new active set (from the front's manager): apply it and pass it downstream."""
+        """A new active set (the front's manager, or the union asked from upstream): apply
+        it and pass it downstream."""
+        if set(active) == self.ramp_active:
+            return
         self.ramp_active = set(active)
         for name, role in self.roles.items():
             world = self.manager.worlds.get(name)
@@ -355,6 +359,8 @@ class Stage:
             self.roles.pop(world.name, None)
         if role == UP:
             self._acks.pop(world.name, None)
+            if self._asked.pop(world.name, None) is not None and self._asked:
+                self._set_ramps(sorted(set().union(*self._asked.values())))
             for row in [r for r, (w, _) in self.origins.items() if w == world.name]:
                 del self.origins[row]
         self._count_worlds()
@@ -407,7 +413,10 @@ class Stage:
                 self._acks[world.name] = ack
             ramps = message.meta.get("ramps")
             if isinstance(ramps, list) and self.exits is None:
-                self._set_ramps([s for s in ramps if isinstance(s, int)])
+                # Several fronts each manage their own ramps: run what any of them asks
+                # for (each front decides on its own set and ignores the other answers).
+                self._asked[world.name] = {s for s in ramps if type(s) is int}
+                self._set_ramps(sorted(set().union(*self._asked.values())))
         else:
             world.break_(f"unexpected {kind.name} message from a {role or 'unknown'} peer")
 

@@ -177,6 +177,13 @@ class MiniLML6(BlockPipeline):
             return empty, empty.clone()
         return self.tokenize(texts)
 
+    def compact(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``preprocess``'s tensors cut to the batch's longest row: padding is masked out of
+        attention, so every row's outputs stay the same, for less compute (training)."""
+        ids, mask = tensors
+        length = max(1, int(mask.sum(dim=1).max())) if len(mask) else MAX_TOKENS
+        return ids[:, :length].contiguous(), mask[:, :length].contiguous()
+
     def postprocess(self, outputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
         return classifier_outputs(outputs[0])
 
