@@ -218,8 +218,10 @@ async def _deployment(
 
 def _loss(labels: list[Any], reference: np.ndarray) -> float:
     """Fraction of answers that are missing or differ from the full model's."""
-    wrong = [label is None or label != ref for label, ref in zip(labels, reference, strict=True)]
-    return sum(wrong) / max(1, len(wrong))
+    wrong = [
+        label is None or label != int(ref) for label, ref in zip(labels, reference, strict=True)
+    ]
+    return float(sum(wrong) / max(1, len(wrong)))
 
 
 async def _workload(w: Workload, quick: bool) -> list[Figure]:

@@ -3,15 +3,16 @@
 #
 # Build from the repository root:
 #   docker build -f docker/operator.Dockerfile -t worldmesh-operator:0.1.0 .
-# The operator never runs a model, but the project depends on torch, so the CPU wheel is
-# installed (TORCH_VARIANT=cpu); there is no reason to build a CUDA variant of this image.
+# The operator never runs a model, but the project depends on torch: pass PyTorch's
+# CPU-only wheel index as TORCH_INDEX_URL (--build-arg) to keep the image small (unset:
+# pip's default index, whose Linux wheel pulls the CUDA libraries).
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # --- builder: compilers live only here ------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX_URL=
 ARG KOPF_VERSION=1.45.2
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
@@ -19,8 +20,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-      "torch==${TORCH_VERSION}"
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY worker/ worker/

@@ -6,7 +6,8 @@
   worker, and the pod carries exactly what it was started with. Resources come from the
   stage spec (``nvidia.com/gpu`` included); readiness and liveness probe the worker's
   ``/v2/health/ready`` and ``/v2/health/live``; SIGTERM makes the worker drain, so the
-  grace period covers its drain timeout.
+  grace period covers its drain timeout. ``spec.earlyExits.rampsConfigMap`` is mounted
+  read-only at ``RAMPS_DIR``, where the worker config's ``rampsFile`` points.
 - ``build_front_service`` (the front stage's HTTP port), ``build_peer_headless_service``
   (every worker, both ports, not-ready addresses published so worlds can open early) and
   ``build_token_secret`` (the control API's bearer token, mounted read-only).
@@ -23,7 +24,7 @@ import json
 from typing import Any
 
 from .runtime.local import config_digest
-from .spec import DeploymentSpec
+from .spec import RAMPS_DIR, DeploymentSpec
 
 GROUP = "worldmesh.io"
 VERSION = "v1alpha1"
@@ -188,7 +189,7 @@ def build_worker_pod(
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    return {
+    pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": meta,
@@ -221,6 +222,15 @@ def build_worker_pod(
             ],
         },
     }
+    if spec.early_exits.ramps_config_map is not None:  # the ramps file, read-only
+        name, key = spec.early_exits.ramps_config_map
+        container["volumeMounts"].append(
+            {"name": "ramps", "mountPath": RAMPS_DIR, "readOnly": True}
+        )
+        pod["spec"]["volumes"].append(
+            {"name": "ramps", "configMap": {"name": name, "items": [{"key": key, "path": key}]}}
+        )
+    return pod
 
 
 def build_front_service(

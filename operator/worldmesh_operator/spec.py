@@ -23,6 +23,9 @@ from worldmesh_worker.exits.sites import site_error
 
 from .validate import FieldError, SpecError, load_schema
 
+#: where a worker pod mounts ``spec.earlyExits.rampsConfigMap``
+RAMPS_DIR = "/var/run/worldmesh/ramps"
+
 __all__ = [
     "AutoscalingSpec",
     "BatchingSpec",
@@ -97,6 +100,8 @@ class EarlyExitsSpec:
     ramp_budget: float = 0.1
     ramps: tuple[int, ...] = ()  #: block indices; empty: every candidate of the model
     ramps_file: str | None = None  #: None: <cache>/ramps/<model>.pt on each worker
+    #: (name, key) of a ConfigMap holding the ramps file, mounted at ``RAMPS_DIR``
+    ramps_config_map: tuple[str, str] | None = None
     policy: str = "online"  #: online | fixed
     threshold: float | None = None  #: the fixed policy's threshold; None: the file's
 
@@ -189,6 +194,8 @@ class DeploymentSpec:
         }
         if exits.ramps_file is not None:
             config["rampsFile"] = exits.ramps_file
+        if exits.ramps_config_map is not None:
+            config["rampsFile"] = f"{RAMPS_DIR}/{exits.ramps_config_map[1]}"
         if exits.threshold is not None:
             config["threshold"] = exits.threshold
         return config
@@ -241,6 +248,11 @@ def parse_spec(manifest: Any, crd: Path | None = None) -> DeploymentSpec:
             ramp_budget=float(exits["rampBudget"]),
             ramps=tuple(exits["ramps"]),
             ramps_file=exits.get("rampsFile"),
+            ramps_config_map=(
+                (exits["rampsConfigMap"]["name"], exits["rampsConfigMap"]["key"])
+                if "rampsConfigMap" in exits
+                else None
+            ),
             policy=exits["policy"],
             threshold=float(exits["threshold"]) if "threshold" in exits else None,
         ),

@@ -23,7 +23,8 @@ Behaviours covered:
 - values.yaml documents every value with a `# --` comment and names its schema on line 1.
 - The Dockerfiles (no Docker engine here, so they are parsed, not built): pinned slim
   Python 3.11 base, a builder stage, no build tools in the final stage, a non-root USER,
-  torch==2.13.0 from the CPU index by default, and the expected ENTRYPOINTs.
+  torch==2.13.0 from the wheel index given at build time, and the expected ENTRYPOINTs;
+  the worker image trains the built-in models' heads and ramps into its model cache.
 
 helm is expected at tools/helm (`make tools`, part of `make setup`); without it these
 tests fail rather than skip.
@@ -476,13 +477,19 @@ def test_dockerfile_is_pinned_multi_stage_and_non_root(name: str, entrypoint: li
     builder_text = "\n".join(rest for _, rest in builder)
     assert BUILD_TOOLS.search(builder_text), "the builder installs no build tools"
     assert "ARG TORCH_VERSION=2.13.0" in {f"{op} {rest}" for op, rest in builder}
-    assert "ARG TORCH_VARIANT=cpu" in {f"{op} {rest}" for op, rest in builder}
-    assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in builder_text
+    # the wheel index is the builder's choice: an empty default, used only when set
+    assert "ARG TORCH_INDEX_URL=" in {f"{op} {rest}" for op, rest in builder}
+    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"' in (
+        builder_text
+    )
     for op, rest in final:
         if op == "RUN":
             assert not BUILD_TOOLS.search(rest), f"build tools in the final stage: {rest}"
         if op == "COPY" and "--from=" in rest:
-            assert rest.split() == ["--from=builder", "/opt/venv", "/opt/venv"], rest
+            assert rest.split()[-2:] in (
+                ["/opt/venv", "/opt/venv"],
+                ["/var/cache/worldmesh", "/var/cache/worldmesh"],  # heads and ramps
+            ), rest
     users = [rest for op, rest in final if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     (ep,) = [json.loads(rest) for op, rest in final if op == "ENTRYPOINT"]
@@ -491,3 +498,17 @@ def test_dockerfile_is_pinned_multi_stage_and_non_root(name: str, entrypoint: li
         if op == "COPY" and "--from=" not in rest:
             for src in rest.split()[:-1]:
                 assert (ROOT / src).exists(), f"COPY {src}: not in the build context"
+
+
+def test_the_worker_image_ships_the_trained_heads_and_ramps() -> None:
+    # A pod has no data sets and no time to train: the image carries the model cache.
+    _, stages = dockerfile_stages("worker.Dockerfile")
+    builder, final = stages[0], stages[-1]
+    builder_text = "\n".join(rest for _, rest in builder)
+    for model in ("efficientnet-lite0", "minilm-l6"):
+        assert f"worldmesh ramps train {model}" in builder_text
+        assert re.search(rf"models prepare [a-z0-9 -]*\b{model}\b", builder_text)
+    assert ("ENV", "WORLDMESH_CACHE=/var/cache/worldmesh") in builder
+    copies = [rest.split() for op, rest in final if op == "COPY" and "--from=builder" in rest]
+    assert ["/var/cache/worldmesh", "/var/cache/worldmesh"] in [c[-2:] for c in copies]
+    assert any("WORLDMESH_CACHE=/var/cache/worldmesh" in rest for op, rest in final if op == "ENV")

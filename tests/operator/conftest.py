@@ -244,6 +244,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
             ("pods", "Pod"),
             ("services", "Service"),
             ("secrets", "Secret"),
+            ("configmaps", "ConfigMap"),
             ("events", "Event"),
         )
     },

@@ -145,6 +145,31 @@ class Kubelet:
                 await self._launch(body)
         await asyncio.gather(*(self._check(p) for p in list(self.pods.values())))
 
+    async def _mount_config_maps(
+        self, body: dict[str, Any], pod_dir: Path, config: dict[str, Any]
+    ) -> None:
+        """Write each ConfigMap volume's items under ``pod_dir`` (a missing ConfigMap or key
+        fails the launch, as a kubelet would never start the container) and point the
+        worker's ``earlyExits.rampsFile`` inside a mount at the written file."""
+        mounts = {m["name"]: m["mountPath"] for m in body["spec"]["containers"][0]["volumeMounts"]}
+        for volume in body["spec"]["volumes"]:
+            if "configMap" not in volume:
+                continue
+            source = volume["configMap"]
+            found = await self.api.get("v1", "configmaps", self.namespace, source["name"])
+            local = pod_dir / volume["name"]
+            local.mkdir(exist_ok=True)
+            for item in source["items"]:
+                if item["key"] in found.get("binaryData", {}):
+                    data = base64.b64decode(found["binaryData"][item["key"]])
+                else:
+                    data = found["data"][item["key"]].encode()
+                (local / item["path"]).write_bytes(data)
+            exits = config.get("earlyExits", {})
+            mount = mounts[volume["name"]]
+            if exits.get("rampsFile", "").startswith(mount + "/"):
+                exits["rampsFile"] = str(local) + exits["rampsFile"][len(mount) :]
+
     async def _launch(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         name = meta["name"]
@@ -161,6 +186,7 @@ class Kubelet:
         token_path = pod_dir / "token"
         token_path.write_text(token)
         config = json.loads(meta["annotations"][builders.ANNOTATION_CONFIG])
+        await self._mount_config_maps(body, pod_dir, config)
         config.update(
             host=ip,
             ports={"http": ports["http"], "control": ports["control"]},

@@ -10,12 +10,13 @@
   workers keep their pids, no request fails.
 - A model that cannot load (the schema admits any ``module:function``): Degraded, with the
   worker's own error in the message.
-- Early exits on: the front worker's ramps (state, threshold, exit rate) reach
-  ``status.earlyExits``.
+- Early exits on, the ramps file in a ConfigMap that every worker mounts: the front
+  worker's ramps (state, threshold, exit rate) reach ``status.earlyExits``.
 """
 
 from __future__ import annotations
 
+import base64
 import signal
 import socket
 from pathlib import Path
@@ -228,7 +229,8 @@ async def test_a_model_that_cannot_load_is_degraded_with_the_workers_error(
 async def test_early_exit_state_reaches_the_status(
     operator: kopf.Memo, kubelet: Kubelet, tmp_path: Path
 ) -> None:
-    """With early exits on, the front worker's ramps (state, threshold, exit rate) show in
+    """With early exits on and the ramps file in a ConfigMap (``rampsConfigMap``, mounted
+    into every worker), the front worker's ramps (state, threshold, exit rate) show in
     ``status.earlyExits`` once requests have labelled them."""
     from worldmesh_worker.exits.ramps import save_ramps
     from worldmesh_worker.exits.train import train
@@ -237,8 +239,15 @@ async def test_early_exit_state_reaches_the_status(
     ramps = tmp_path / "toy-ramps.pt"
     save_ramps(ramps, train(toy.ToyModel(), [0, 1, 2], train_rows=600, heldout_rows=300))
     api: KubeApi = operator.api
+    config_map = {  # what `kubectl create configmap toy-ramps --from-file=ramps.pt=FILE` makes
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "toy-ramps", "namespace": "default"},
+        "binaryData": {"ramps.pt": base64.b64encode(ramps.read_bytes()).decode()},
+    }
+    await api.create("configmaps", config_map)
     body = manifest("exits")
-    body["spec"]["earlyExits"] = {"enabled": True, "rampsFile": str(ramps)}
+    body["spec"]["earlyExits"] = {"enabled": True, "rampsConfigMap": {"name": "toy-ramps"}}
     await api.create("modeldeployments", body)
     front = await wait_until(
         lambda: serving(api, kubelet, "exits", 4), TIMEOUT, "serving", interval=0.1

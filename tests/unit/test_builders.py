@@ -108,6 +108,22 @@ def test_worker_pod_cpu_stage_and_spec_image() -> None:
         builders.build_worker_pod(spec(), 2, "w", "img", "s")
 
 
+def test_worker_pod_mounts_the_ramps_config_map_where_its_config_reads_it() -> None:
+    exits = {"enabled": True, "rampsConfigMap": {"name": "toy-ramps", "key": "toy.pt"}}
+    pod = builders.build_worker_pod(spec(earlyExits=exits), 1, "w0", "img:1", "s")
+    (container,) = pod["spec"]["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "ramps"]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "ramps"]
+    assert mount["readOnly"] and volume["configMap"] == {
+        "name": "toy-ramps",
+        "items": [{"key": "toy.pt", "path": "toy.pt"}],
+    }
+    config = json.loads(pod["metadata"]["annotations"][builders.ANNOTATION_CONFIG])
+    assert config["earlyExits"]["rampsFile"] == f"{mount['mountPath']}/toy.pt"
+    plain = builders.build_worker_pod(spec(), 1, "w0", "img:1", "s")  # no ramps: no volume
+    assert [v["name"] for v in plain["spec"]["volumes"]] == ["config", "token"]
+
+
 def test_config_hash_changes_with_the_stage_config_only() -> None:
     def digest(s: DeploymentSpec, worker: str) -> str:
         pod = builders.build_worker_pod(s, 0, worker, "img", "s")

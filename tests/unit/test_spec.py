@@ -274,6 +274,12 @@ BAD = [
     ),
     ("spec.autoscaling", {"target": 0}, "spec.autoscaling.target: must be > 0"),
     ("spec.earlyExits", {"ramps": [3, 3]}, "spec.earlyExits.ramps[1]: duplicate value 3"),
+    (
+        "spec.earlyExits",
+        {"rampsFile": "/r.pt", "rampsConfigMap": {"name": "r"}},
+        "spec.earlyExits: rampsFile and rampsConfigMap are exclusive",
+    ),
+    ("spec.earlyExits", {"rampsConfigMap": {}}, "spec.earlyExits.rampsConfigMap.name: required"),
     ("spec.image", "", "spec.image: must be at least 1 characters long"),
     ("spec", "toy", "spec: must be a mapping, got 'toy'"),
     (
