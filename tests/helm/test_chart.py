@@ -345,7 +345,7 @@ def test_operator_runs_non_root_read_only_with_a_liveness_probe() -> None:
     # The selector carries no version: it must not change on upgrade.
     assert "app.kubernetes.io/version" not in deployment["spec"]["selector"]["matchLabels"]
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["WORLDMESH_WORKER_IMAGE"] == "ghcr.io/worldmesh/worldmesh-worker:0.1.0"
+    assert env["WORLDMESH_WORKER_IMAGE"] == "worldmesh/worldmesh-worker:0.1.0"
     assert env["WORLDMESH_PEERING_PRIORITY"] == "100"
 
 

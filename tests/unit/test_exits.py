@@ -14,8 +14,12 @@ Covers:
   rise from zero while the ramps agree and the clean phase's released answers are within
   budget; after the shift the tuned thresholds hold the budget on the new mix again
   within a bounded number of requests, and the answers released after that lose at
-  most twice the budget (1.2% at a 1% budget on this stream: the tuner keeps its window
-  within budget, the rows it has not seen yet can go over);
+  most twice the budget (the tuner keeps its window within budget, the rows it has not
+  seen yet can go over); the shift test cuts the window after the shift, never before;
+- the binomial tail behind the shift test; soft-target distillation fits a head to
+  another model's probabilities; ramp features come back in row order when rows of
+  different sizes are batched by size; ``--keep-valid`` keeps a ramps file that loads
+  and trains again over one that does not;
 - a manager switching a ramp off tunes the ramps left again; an early exit counts once
   per released request (a partly confident request is none);
 - a malformed ramps file (another format, non-dict ramps, a non-int site, a missing
@@ -47,7 +51,7 @@ from worldmesh_operator.spec import SpecError, parse_spec
 from worldmesh_worker.config import ConfigError, parse_config
 from worldmesh_worker.errors import ServiceUnavailable
 from worldmesh_worker.exits import manager, tuner
-from worldmesh_worker.exits.controller import ExitController
+from worldmesh_worker.exits.controller import ExitController, _tail
 from worldmesh_worker.exits.ramps import (
     RampFileError,
     candidate_sites,
@@ -56,9 +60,11 @@ from worldmesh_worker.exits.ramps import (
     save_ramps,
 )
 from worldmesh_worker.exits.sites import BUILTIN_BLOCKS
-from worldmesh_worker.exits.train import train
+from worldmesh_worker.exits.train import features, train
 from worldmesh_worker.metrics import WorkerMetrics
+from worldmesh_worker.models.heads import train_linear_head
 from worldmesh_worker.models.toy import ToyModel
+from worldmesh_worker.protocol import TensorSpec
 from worldmesh_worker.stage import Stage, exit_problem
 from worldmesh_worker.worlds import Message, MessageKind
 
@@ -263,15 +269,23 @@ def test_the_tuner_never_ends_a_window_over_budget_and_recovers_after_a_shift(
         [0, 1, 2], dict.fromkeys([0, 1, 2], 0.0), metrics, budget=BUDGET, clock=clock
     )
     noisy_agree = noisy[1] == noisy[2][:, None]
-    # (rows seen, window loss, loss on the new mix, highest threshold)
-    tunes: list[tuple[int, float, float, float]] = []
+    # (rows seen, window loss, loss on the new mix, highest threshold, shift cuts so far)
+    tunes: list[tuple[int, float, float, float, int]] = []
 
     def after_tune() -> None:
         thresholds = tuner.LEVELS[controller.levels]
         active = np.array([s in controller.active for s in controller.sites])
         errs = np.where(active, noisy[0], np.nan)
         new_mix = tuner.evaluate(errs, noisy_agree, thresholds, np.ones(3))[0]
-        tunes.append((controller.labelled, window_loss(controller), new_mix, thresholds.max()))
+        tunes.append(
+            (
+                controller.labelled,
+                window_loss(controller),
+                new_mix,
+                thresholds.max(),
+                controller.cuts,
+            )
+        )
 
     wrong = replay(controller, clock, *stream, after_tune=after_tune)
     assert len(tunes) == (CLEAN + 800) // controller.every
@@ -281,18 +295,81 @@ def test_the_tuner_never_ends_a_window_over_budget_and_recovers_after_a_shift(
     assert next(t[3] for t in tunes if t[0] == 800) > 0  # within 800 rows
     # the released answers of the clean phase (after the first climb) are within budget
     assert wrong[200:CLEAN].mean() <= BUDGET, wrong[200:CLEAN].mean()
+    # no shift is seen on clean rows (the window is kept whole), one is after the shift
+    assert next(t[4] for t in tunes if t[0] == CLEAN) == 0 and controller.cuts >= 1
     # the clean phase's thresholds break the budget on the noisy mix...
     assert next(t[2] for t in tunes if t[0] == CLEAN) > 2 * BUDGET
     # ...and within tens of requests after the shift the tuner's thresholds hold it again
     recovered = next(t[0] - CLEAN for t in tunes if t[0] > CLEAN and t[2] <= BUDGET)
     print(f"requests after the shift until the thresholds hold the budget again: {recovered}")
     assert recovered <= 96, tunes
-    # on the rows after that (a window later), the realized loss is held near the budget,
-    # not under it: thresholds tuned on a window meet rows they have not seen (1.2% here)
+    # on the rows from 256 after that, the realized loss is held near the budget, not
+    # under it: thresholds tuned on a window meet rows they have not seen
     assert wrong[CLEAN + recovered + 256 :].mean() <= 2 * BUDGET, (
         wrong[CLEAN:].reshape(8, 100).mean(1),
         tunes[50:],
     )
+
+
+def test_the_shift_test_is_a_binomial_tail() -> None:
+    assert _tail(0, 64, 0.01) == 1.0  # no disagreement is never surprising
+    # P(X >= 2) for X ~ Binomial(64, 0.01) = 1 - 0.99**64 - 64 * 0.01 * 0.99**63
+    assert _tail(2, 64, 0.01) == pytest.approx(1 - 0.99**64 - 0.64 * 0.99**63)
+    assert _tail(5, 64, 0.01) < 1e-3 < _tail(4, 64, 0.01)  # 5 of 64 at a 1% budget: a shift
+
+
+def test_a_head_distils_another_models_probabilities() -> None:
+    # soft targets: the head learns the teacher's doubt, not only its argmax
+    x = torch.linspace(-3, 3, 400).unsqueeze(1)
+    teacher = torch.cat([torch.sigmoid(2 * x), 1 - torch.sigmoid(2 * x)], dim=1)
+    head, _ = train_linear_head(x, teacher, 2, l2=1e-6, dtype=torch.float32, max_iter=200)
+    with torch.inference_mode():
+        student = torch.softmax(head(x), dim=1)
+    assert (student - teacher).abs().max() < 0.02
+    with pytest.raises(ValueError, match=r"soft targets of shape \[400, 3\], not \[400, 2\]"):
+        train_linear_head(x, torch.full((400, 3), 1 / 3), 2, l2=1e-3)
+
+
+class SizedToy(ToyModel):
+    """The toy model whose rows are byte strings of different lengths (run by size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs = [TensorSpec("text", "BYTES", (-1,))]
+
+    def preprocess(self, inputs):
+        rows = [np.frombuffer(b.ljust(16, b"\0")[:16], dtype=np.uint8) for b in inputs["text"]]
+        return (torch.from_numpy(np.stack(rows).astype(np.float32)),)
+
+
+def test_ramp_features_come_back_in_row_order_when_batched_by_size() -> None:
+    model = SizedToy()
+    rows = [bytes([65 + i % 7]) * (1 + (i * 5) % 16) for i in range(40)]  # mixed lengths
+    feats, logits = features(model, rows, [0, 1], chunk=8)
+    for i in (0, 7, 13, 39):
+        one, one_logits = features(model, rows[i : i + 1], [0, 1])
+        assert torch.allclose(feats[1][i], one[1][0]) and torch.allclose(logits[i], one_logits[0])
+
+
+def test_keep_valid_keeps_a_ramps_file_that_loads_and_retrains_a_stale_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worldmesh_worker.exits.train import main
+
+    out = tmp_path / "toy.pt"
+    args = ["train", "toy", "--out", str(out), "--train-rows", "200", "--heldout-rows", "100"]
+    assert main([*args, "--keep-valid"]) == 0  # missing: trained
+    assert "trained on 200 rows" in capsys.readouterr().out
+    stamp = out.stat().st_mtime_ns
+    assert main([*args, "--keep-valid"]) == 0  # loads: kept as is
+    assert "up to date" in capsys.readouterr().out and out.stat().st_mtime_ns == stamp
+    payload = torch.load(out, weights_only=True)
+    torch.save({**payload, "format": 1}, out)  # an older format: trained again
+    assert main([*args, "--keep-valid"]) == 0
+    assert "trained on 200 rows" in capsys.readouterr().out
+    assert load_ramps(out, ToyModel()).model == "toy"
+    assert main(["train", "toy", "--heldout-rows", "0"]) == 2
+    assert "need >= 1" in capsys.readouterr().err
 
 
 def test_the_tuner_raises_thresholds_as_far_as_the_ramps_agree() -> None:

@@ -401,6 +401,16 @@ def test_minilm_preprocess(minilm: PipelineModel) -> None:
     assert ids.shape == (0, 64) and mask.shape == (0, 64)
 
 
+def test_minilm_compact_drops_padding_and_keeps_every_answer(minilm: PipelineModel) -> None:
+    tensors = minilm.preprocess(text_input(SENTENCES[:3]))  # none reaches 64 tokens
+    short = minilm.compact(tensors)  # type: ignore[attr-defined]
+    longest = int(tensors[1].sum(dim=1).max())
+    assert short[0].shape == (3, longest) and longest < tensors[0].shape[1]
+    assert torch.allclose(run_full(minilm, short)[0], run_full(minilm, tensors)[0], atol=1e-5)
+    empty = minilm.preprocess({"text": np.array([], dtype=object)})
+    assert minilm.compact(empty)[0].shape == (0, 64)  # type: ignore[attr-defined]
+
+
 # --- the prepared heads ----------------------------------------------------------------------
 
 

@@ -359,6 +359,7 @@ class Stage:
             self.roles.pop(world.name, None)
         if role == UP:
             self._acks.pop(world.name, None)
+            # (the last front gone: keep its set until a new front asks, nothing runs)
             if self._asked.pop(world.name, None) is not None and self._asked:
                 self._set_ramps(sorted(set().union(*self._asked.values())))
             for row in [r for r, (w, _) in self.origins.items() if w == world.name]:

@@ -125,6 +125,8 @@ def train(
 ) -> RampSet:
     """Fit a ramp at every site of ``model``; return them with their measurements."""
     check_sites(model, sites)
+    if train_rows < 1 or heldout_rows < 1:
+        raise ValueError(f"train rows {train_rows} and held-out rows {heldout_rows}: need >= 1")
     started = time.perf_counter()
     rows = samples(model, "train", heldout_rows + train_rows)
     held, rows = rows[:heldout_rows], rows[heldout_rows:]

@@ -3,7 +3,8 @@
 Covers:
 - ``train_linear_head``: multinomial logistic regression on fixed features
   (full-batch L-BFGS, L2 strength picked on a held-out tenth of the training
-  rows), with the feature standardisation folded into the returned
+  rows) on class labels or on another model's class probabilities (distillation),
+  with the feature standardisation folded into the returned
   ``nn.Linear`` so serving needs no extra step. Deterministic for given inputs.
 - ``save_head`` / ``load_head``: one ``<cache>/heads/<model>.pt`` file per model,
   written to a temporary file and renamed, so a reader never sees half a file
@@ -199,7 +200,10 @@ def train_linear_head(
     targets: distillation from another model's softmax). ``dtype`` and ``max_iter`` trade
     precision for time (float32 and 100 iterations fit a ramp as well, six times faster)."""
     x = features.to(dtype)
-    y = labels.to(dtype) if labels.is_floating_point() else labels.to(torch.int64)
+    soft = labels.dim() == 2
+    if soft and tuple(labels.shape) != (len(x), n_classes):
+        raise ValueError(f"soft targets of shape {list(labels.shape)}, not [{len(x)}, {n_classes}]")
+    y = labels.to(dtype) if soft else labels.to(torch.int64)
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)
     z = (x - mean) / std

@@ -181,7 +181,8 @@ class MiniLML6(BlockPipeline):
         """``preprocess``'s tensors cut to the batch's longest row: padding is masked out of
         attention, so every row's outputs stay the same, for less compute (training)."""
         ids, mask = tensors
-        length = max(1, int(mask.sum(dim=1).max())) if len(mask) else MAX_TOKENS
+        used = mask.any(dim=0).nonzero()  # the tokenizer pads on the right
+        length = int(used.max()) + 1 if len(used) else ids.shape[1]
         return ids[:, :length].contiguous(), mask[:, :length].contiguous()
 
     def postprocess(self, outputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
