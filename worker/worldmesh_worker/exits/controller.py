@@ -70,7 +70,7 @@ class ExitController:
         policy: str = "online",
         window: int = 1024,
         every: int = 32,
-        safety: float = 0.9,
+        safety: float = 0.8,
         recent: int = 64,
         shift_alpha: float = 1e-3,
         prior: float = 1.0,
