@@ -244,10 +244,18 @@ RESOURCES: dict[str, dict[str, Any]] = {
             ("pods", "Pod"),
             ("services", "Service"),
             ("secrets", "Secret"),
-            ("configmaps", "ConfigMap"),
             ("events", "Event"),
         )
     },
+}
+
+#: ConfigMaps, served only to the tests that need them (``emulator.resources[...] = ...``):
+#: declared for every test, they kept a lower-priority operator in a kopf peering from
+#: ever pausing (test_two_operators_in_a_peering_one_acts); not understood yet.
+CONFIG_MAPS: dict[str, Any] = {
+    **RESOURCES["v1/secrets"],
+    "kind": "ConfigMap",
+    "singular": "configmap",
 }
 
 

@@ -30,6 +30,7 @@ from worldmesh_operator.runtime.kube_api import KubeApi
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
 from worldmesh_worker.local import wait_until
 
+from .conftest import CONFIG_MAPS, Emulator
 from .kubelet import Kubelet
 from .test_operator import MD, pods_of, status_of
 
@@ -227,7 +228,7 @@ async def test_a_model_that_cannot_load_is_degraded_with_the_workers_error(
 
 
 async def test_early_exit_state_reaches_the_status(
-    operator: kopf.Memo, kubelet: Kubelet, tmp_path: Path
+    emulator: Emulator, operator: kopf.Memo, kubelet: Kubelet, tmp_path: Path
 ) -> None:
     """With early exits on and the ramps file in a ConfigMap (``rampsConfigMap``, mounted
     into every worker), the front worker's ramps (state, threshold, exit rate) show in
@@ -245,6 +246,7 @@ async def test_early_exit_state_reaches_the_status(
         "metadata": {"name": "toy-ramps", "namespace": "default"},
         "binaryData": {"ramps.pt": base64.b64encode(ramps.read_bytes()).decode()},
     }
+    emulator.resources["v1/configmaps"] = CONFIG_MAPS
     await api.create("configmaps", config_map)
     body = manifest("exits")
     body["spec"]["earlyExits"] = {"enabled": True, "rampsConfigMap": {"name": "toy-ramps"}}
