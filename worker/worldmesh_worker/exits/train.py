@@ -5,10 +5,10 @@ pooled features at every ramp site are kept, and each ramp (one linear layer on 
 is fitted, like the task heads (``heads.train_linear_head``), to the *full model's own
 softmax* (soft targets), not to the data set's labels: a ramp is only useful where it
 agrees with the final answer, and the full model's doubt teaches it where to doubt too
-(on 3,000 held-out rows, soft targets let 2-8 points more rows exit within a 1% budget
-than the full model's argmax does). Held-out rows (``--heldout-rows``, 2,000) come first
-from a seeded permutation of the training split, the training rows (``--train-rows``,
-12,000, or what the split has left) after them; the held-out rows measure each ramp's
+(on 3,000 / 2,000 held-out rows, soft targets let 1-8 points more rows exit within a 1%
+budget than the full model's argmax does, by site). Held-out rows (``--heldout-rows``,
+2,000) come first from a seeded permutation of the training split, the training rows
+(``--train-rows``, 12,000, or what the split has left) after them; the held-out rows measure each ramp's
 agreement with the full model and tune the offline thresholds:
 
 - per ramp: ``tuner.tune`` on the held-out rows, with the latency saved by a ramp taken
@@ -58,25 +58,23 @@ SEED = 0
 L2 = 1e-3  #: fixed (no selection): ramps are many, and one fit each keeps training short
 
 
-def samples(model: Any, split: str, rows: int, offset: int = 0) -> list[Any]:
-    """Up to ``rows`` inputs of ``model``'s data set (seeded), skipping the first ``offset``
-    of the permutation, so two calls with disjoint ranges give disjoint rows."""
+def samples(model: Any, split: str, rows: int) -> list[Any]:
+    """Up to ``rows`` inputs of ``model``'s data set, in a seeded order."""
     rng = np.random.default_rng(SEED)
     if model.name == "efficientnet-lite0":
         from worldmesh_worker.data import fashion_mnist
 
         images, _ = fashion_mnist(split)  # type: ignore[arg-type]
-        pick = rng.permutation(len(images))[offset : offset + rows]
+        pick = rng.permutation(len(images))[:rows]
         return [images[i] for i in pick]
     if model.name == "minilm-l6":
         from worldmesh_worker.data import rotten_tomatoes
 
         texts, _ = rotten_tomatoes(split)  # type: ignore[arg-type]
-        pick = rng.permutation(len(texts))[offset : offset + rows]
+        pick = rng.permutation(len(texts))[:rows]
         return [texts[i].encode() for i in pick]
     if model.name in ("toy", "toy-slow"):
-        x = rng.integers(-10, 11, size=(offset + rows, 16)).astype(np.float32)
-        return list(x[offset:])
+        return list(rng.integers(-10, 11, size=(rows, 16)).astype(np.float32))
     raise ValueError(f"model {model.name!r}: no training data known for its ramps")
 
 
