@@ -502,6 +502,63 @@ def test_the_manager_switching_a_ramp_off_retunes_the_ramps_left() -> None:
     assert len(wrong_after) == 48 and not any(wrong_after)
 
 
+def test_a_ramp_that_spends_the_budget_a_later_ramp_uses_better_is_switched_off() -> None:
+    # 1,000 labelled rows, both ramps open at 0.0133. Ramp 0 releases 305 rows, 5 of them
+    # wrongly (half the 1% budget); ramp 1 is right on 800 rows (ramp 0's among them) and
+    # could go on to 900 if the budget were its own: 10 wrong rows at error 0.02, then 90
+    # right ones at 0.03. Both on, the window saves 305 x 1.6 + 495 x 1.5 s; ramp 1 alone
+    # saves 900 x 1.5. Ramp 0 releases rows, so by exit rate x saving it looks useful;
+    # its marginal saving is negative: it is switched off and ramp 1 climbs.
+    rows = 1000
+    errs = np.full((rows, 2), 0.9)
+    agree = np.ones((rows, 2), dtype=bool)
+    errs[:305, 0] = 0.01
+    agree[300:305, 0] = False
+    agree[305:, 0] = False  # unsure and wrong where ramp 1 is sure
+    errs[:800, 1] = 0.01
+    errs[800:810, 1], agree[800:810, 1] = 0.02, False
+    errs[810:900, 1] = 0.03
+    order = np.random.default_rng(3).permutation(rows)
+    clock = Clock()
+    controller = ExitController(
+        [0, 1],
+        {0: 0.0133, 1: 0.0133},
+        WorkerMetrics(CollectorRegistry(), "d", 0, "w"),
+        budget=0.01,
+        safety=1.0,
+        prior=0.0,
+        every=rows,
+        window=rows,
+        clock=clock,
+    )
+    for site in (0, 1):
+        controller.on_cost(site, 0.001)
+    for row, i in enumerate(order):
+        clock.now = 10.0 * row
+        controller.start_request([row], early=True)
+        for site, at in ((0, 0.4), (1, 0.5)):
+            clock.now = 10.0 * row + at
+            controller.on_ramp(row, site, 1.0 - errs[i, site], 1 if agree[i, site] else 2)
+        clock.now = 10.0 * row + 2.0
+        controller.on_final(row, 1)
+    assert controller.decisions == 1 and controller.cuts == 0
+    assert controller.active == {1}
+    assert controller.threshold(1) > 0.03  # ramp 1 now releases its 900 rows
+    assert window_loss(controller) <= 0.01
+    # by exit rate x saving alone, ramp 0 (30.5% of rows, 1.6 s each) had utility
+    assert manager.RampStats(True, rows, 0.305, 1.6, 0.001).utility > 0
+
+
+def test_the_manager_switches_off_one_useless_ramp_per_decision() -> None:
+    # two ramps that release the same rows: each shows no marginal saving while the other
+    # runs; switching both off would lose what either brings
+    stats = {
+        1: manager.RampStats(True, 500, 0.4, 0.02, 0.001, marginal_s=-0.0001),
+        2: manager.RampStats(True, 500, 0.4, 0.01, 0.001, marginal_s=-0.0002),
+    }
+    assert manager.decide(stats, budget_s=1.0, decision=3) == {1}
+
+
 def test_an_early_exit_counts_once_per_released_request() -> None:
     registry = CollectorRegistry()
     controller = ExitController(

@@ -16,7 +16,9 @@ messages) and every final answer, so all online state lives here:
   (budget x ``safety``; each ramp that releases rows counts ``prior`` disagreements
   it has not shown yet: a threshold placed just below a window's first disagreement
   overfits, and over 17 ramps that added up to 2.5% realized loss on EfficientNet-Lite0
-  at a 1% budget, 0.5% with the prior), then ``manager.decide``. The window is long
+  at a 1% budget, 0.5% with the prior), then ``manager.decide`` on each ramp's
+  utility, whose saving term is the ramp's marginal saving (the tune again without it,
+  for up to ``MARGINALS`` ramps per decision; see ``manager``). The window is long
   (1,024 rows): at a 1% budget, 256 rows hold 2.6 disagreements, too few to tell a good
   threshold from a lucky one: a replay of held-out EfficientNet-Lite0 rows (shift test
   off) let 65% of them exit with 1,024 rows (1.0% lost) against 57% with 256 (0.67%).
@@ -56,6 +58,9 @@ class _Row:
     preds: dict[int, int] = field(default_factory=dict)
     at: dict[int, float] = field(default_factory=dict)
     released: int | None = None
+
+
+MARGINALS = 3  # marginal savings measured per decision
 
 
 class ExitController:
@@ -207,22 +212,35 @@ class ExitController:
             s: float(tuner.LEVELS[lv]) for s, lv in zip(self.sites, self.levels, strict=True)
         }
         self.decisions += 1
-        _, _, counts = tuner.evaluate(errs, agree, tuner.LEVELS[self.levels], saved)
+        _, saving, counts = tuner.evaluate(errs, agree, tuner.LEVELS[self.levels], saved)
+        judged = int(2 * need)  # judge a ramp only once its threshold could climb: twice the rows
+        samples = np.isfinite(errs).sum(axis=0)
+        # a ramp's marginal saving: one more tune per judged ramp that releases rows (one
+        # that releases none adds nothing), at most ``MARGINALS`` of them per decision
+        # (those that save least), so that a retune stays a few milliseconds
+        judge = [
+            i
+            for i, site in enumerate(self.sites)
+            if site in self.active and samples[i] >= judged and counts[i] > 0
+        ]
+        judge = sorted(judge, key=lambda i: counts[i] * saved[i])[:MARGINALS]
+        marginal = {
+            self.sites[i]: saving - self._saving_without(i, errs, agree, saved, active, climb)
+            for i in judge
+        }
         stats = {
             site: manager.RampStats(
                 active=site in self.active,
-                samples=int(np.isfinite(errs[:, i]).sum()),
+                samples=int(samples[i]),
                 exit_rate=float(counts[i]) / max(1, len(errs)),
                 saved_s=self.saved[site],
                 cost_s=self.cost[site],
                 off_since=self.off_since[site],
+                marginal_s=marginal.get(site),
             )
             for i, site in enumerate(self.sites)
         }
-        # judge a ramp only once its threshold could climb on its rows (twice the rows)
-        chosen = manager.decide(
-            stats, self.ramp_budget * self.latency, self.decisions, min_samples=int(2 * need)
-        )
+        chosen = manager.decide(stats, self.ramp_budget * self.latency, self.decisions, judged)
         if chosen != self.active:
             for site in self.active - chosen:
                 self.off_since[site] = self.decisions
@@ -248,6 +266,25 @@ class ExitController:
             }
             self.on_active(sorted(chosen))
         self._export()
+
+    def _saving_without(
+        self,
+        i: int,
+        errs: np.ndarray,
+        agree: np.ndarray,
+        saved: np.ndarray,
+        active: np.ndarray,
+        climb: np.ndarray,
+    ) -> float:
+        """The window's saving per row, tuned with ramp ``i`` switched off."""
+        on = active.copy()
+        on[i] = False
+        levels = list(self.levels)
+        levels[i] = 0
+        off = np.where(on, errs, np.nan)
+        budget = self.budget * self.safety
+        levels = tuner.tune(off, agree, levels, saved, budget, on, climb & on, self.prior)
+        return tuner.evaluate(off, agree, tuner.LEVELS[levels], saved)[1]
 
     def _agreement(self) -> dict[int, float | None]:
         errs, agree = self._arrays()
