@@ -81,9 +81,14 @@ def toy_ramps(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_pooled_features_of_each_kind_of_block() -> None:
-    image = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
-    ninths = image.reshape(2, 3, 3, 2, 3, 2).mean(dim=(3, 5))  # [N, C, 3, 3]
-    assert torch.equal(pooled((image,)), ninths.flatten(1))
+    # few channels: a 5x5 grid; the grid narrows as channels grow, to keep 1,024 features
+    image = torch.arange(2 * 3 * 10 * 10, dtype=torch.float32).reshape(2, 3, 10, 10)
+    grid5 = image.reshape(2, 3, 5, 2, 5, 2).mean(dim=(3, 5))  # [N, C, 5, 5]
+    assert torch.equal(pooled((image,)), grid5.flatten(1))
+    wide = torch.randn(2, 112, 6, 6)  # 3x3x112 = 1,008 features; 4x4 would be 1,792
+    ninths = wide.reshape(2, 112, 3, 2, 3, 2).mean(dim=(3, 5))
+    assert torch.allclose(pooled((wide,)), ninths.flatten(1), atol=1e-6)
+    assert pooled((torch.randn(2, 320, 7, 7),)).shape == (2, 320)  # one mean per channel
     hidden = torch.ones(1, 3, 4)
     hidden[0, 2] = 100.0  # a padding token: masked out
     mask = torch.tensor([[1, 1, 0]])
@@ -590,7 +595,7 @@ def _payload(path: Path) -> dict:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda p: p.update(format=7), "ramps file format 7, this worker reads format 2"),
+        (lambda p: p.update(format=7), "ramps file format 7, this worker reads format 3"),
         (lambda p: p.pop("classes"), "not a ramps file: no 'classes' entry"),
         (lambda p: p.update(ramps=[1, 2]), "ramps is a list, not a dict by block"),
         (lambda p: p["ramps"].update({"a": p["ramps"][0]}), "ramp key 'a' is not a block"),

@@ -8,8 +8,8 @@ agrees with the final answer, and the full model's doubt teaches it where to dou
 (on 3,000 / 2,000 held-out rows, soft targets let 1-8 points more rows exit within a 1%
 budget than the full model's argmax does, by site). Held-out rows (``--heldout-rows``,
 2,000) come first from a seeded permutation of the training split, the training rows
-(``--train-rows``, 12,000, or what the split has left) after them; the held-out rows measure each ramp's
-agreement with the full model and tune the offline thresholds:
+(``--train-rows``, 30,000, or what the split has left) after them; the held-out rows
+measure each ramp's agreement with the full model and tune the offline thresholds:
 
 - per ramp: ``tuner.tune`` on the held-out rows, with the latency saved by a ramp taken
   as the fraction of blocks it skips, under the accuracy budget;
@@ -117,7 +117,7 @@ def _errs(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def train(
     model: Any,
     sites: Sequence[int],
-    train_rows: int = 12000,
+    train_rows: int = 30000,
     heldout_rows: int = 2000,
     budget: float = 0.01,
 ) -> RampSet:
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train the ramps of a manifest's model (or a model name)")
     p.add_argument("target", help="a ModelDeployment manifest, or a model name")
     p.add_argument("--out", default=None, help="the ramps file (default: see above)")
-    p.add_argument("--train-rows", type=int, default=12000)
+    p.add_argument("--train-rows", type=int, default=30000)
     p.add_argument("--heldout-rows", type=int, default=2000)
     p.add_argument(
         "--keep-valid", action="store_true", help="keep a ramps file there that loads for the model"
