@@ -36,7 +36,7 @@ models: $(VENV)/.installed $(VENV)/.apt
 	$(PY) -m worldmesh_worker.models prepare $(MODELS)
 
 # Their early-exit ramps, distilled on 30,000 rows of each training split (or all it has);
-# a ramps file that loads for its model is kept (about two minutes per model).
+# a ramps file that loads for its model is kept (about five minutes for EfficientNet-Lite0).
 ramps: models
 	@for m in $(MODELS); do $(VENV)/bin/worldmesh ramps train $$m --keep-valid || exit 1; done
 

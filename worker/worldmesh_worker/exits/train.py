@@ -18,7 +18,8 @@ measure each ramp's agreement with the full model and tune the offline threshold
 
 Rows run in batches of similar size, and a model that can drop padding (``compact``)
 runs each batch only as long as its longest row: the features are the same, and the
-text model's pass is about twice as fast. About two minutes per model on 2 cores.
+text model's pass is about twice as fast. On 2 cores: 290 s for EfficientNet-Lite0 (30,000
+rows), 65 s for MiniLM-L6 (8,202).
 
 The file is written where the manifest's ``earlyExits.rampsFile`` points, else
 ``<cache>/ramps/<model>.pt``; with ``--keep-valid`` a file there that loads for the model
