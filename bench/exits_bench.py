@@ -53,7 +53,7 @@ from worldmesh_worker.models import load_model
 
 BUDGET = 0.01
 CLIENTS = 8
-ROUNDS = 3  # interleaved latency and throughput rounds
+ROUNDS = 3  # interleaved latency and throughput rounds (as many as policies: each first once)
 ROUND_ROWS = 1500  # the most split rows a throughput round sends
 
 
@@ -198,7 +198,9 @@ async def _deployments(
     w: Workload, split: list[dict], sample: list[dict], shifted: list[dict], ramps: Any
 ) -> dict[str, dict[str, Any]]:
     """The three deployments, each its own pipeline, all up at once (see module docstring)."""
-    runs: dict[str, dict[str, Any]] = {p: {"answers": [], "rounds": []} for p in POLICIES}
+    runs: dict[str, dict[str, Any]] = {
+        p: {"answers": [], "rounds": [], "round_errors": 0} for p in POLICIES
+    }
     async with contextlib.AsyncExitStack() as stack:
         urls = {}
         for policy in POLICIES:
@@ -224,15 +226,17 @@ async def _deployments(
                 urls[policy], split
             )
         for r in range(ROUNDS):  # then interleaved rounds, each policy first in turn
-            order = POLICIES[r % 3 :] + POLICIES[: r % 3]
+            first = r % len(POLICIES)
+            order = POLICIES[first:] + POLICIES[:first]
             for policy in order:  # latency: the same Poisson schedule for the three
                 runs[policy]["answers"] += await _open_loop(
                     urls[policy], sample[r::ROUNDS], w.rate, seed=7 + r
                 )
             chunk = split[r::ROUNDS][:ROUND_ROWS]
             for policy in order:
-                _, rate = await _closed_loop(urls[policy], chunk)
+                labels, rate = await _closed_loop(urls[policy], chunk)
                 runs[policy]["rounds"].append(rate)
+                runs[policy]["round_errors"] += sum(label is None for label in labels)
         runs["online"]["shift"] = await _open_loop(urls["online"], shifted, w.rate, seed=8)
         status = await runs["online"]["control"].status()
         runs["online"]["earlyExits"] = status.get("earlyExits")
@@ -276,7 +280,10 @@ async def _workload(w: Workload, quick: bool) -> list[Figure]:
             "throughput_rps": sum(run["rounds"]) / ROUNDS,
             "throughput_rounds_rps": run["rounds"],
             "throughput_first_pass_rps": run["throughput"],
-            "errors": len(answers) - len(ok) + sum(label is None for label in run["split"]),
+            "errors": len(answers)
+            - len(ok)
+            + sum(label is None for label in run["split"])
+            + run["round_errors"],
         }
     base = stats["none"]
     detail = {
