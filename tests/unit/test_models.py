@@ -289,16 +289,6 @@ def test_rotten_tomatoes_split_is_deterministic_and_disjoint() -> None:
     assert set(np.unique(train_y)) == set(np.unique(test_y)) == {0, 1}
 
 
-@pytest.mark.models
-def test_rotten_tomatoes_plot_sentences_are_in_neither_split() -> None:
-    plots = data.rotten_tomatoes_plots()
-    reviews = set(data.rotten_tomatoes("train")[0]) | set(data.rotten_tomatoes("test")[0])
-    assert len(plots) > 5_000 and len(set(plots)) == len(plots)
-    assert all(len(s.split()) >= 4 for s in plots)
-    assert not any(s in reviews for s in plots)
-    assert not any(any(s in r for s in plots[:200]) for r in reviews)  # not review snippets
-
-
 # --- efficientnet-lite0 ----------------------------------------------------------------------
 
 

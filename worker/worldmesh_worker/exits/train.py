@@ -9,17 +9,7 @@ agrees with the final answer, and the full model's doubt teaches it where to dou
 budget than the full model's argmax does, by site). Held-out rows (``--heldout-rows``,
 2,000) come first from a seeded permutation of the training split, the training rows
 (``--train-rows``, 30,000, or what the split has left) after them; the held-out rows
-measure each ramp's agreement with the full model and tune the offline thresholds.
-
-Distillation needs no labels, so a text model also learns from unlabelled rows
-(``extra_rows``): ``--spans`` (3) random word spans of each training row, and the
-corpus's plot sentences. Rotten Tomatoes has only 8,202 training rows for MiniLM-L6, and
-its ramps were short of data: on the 2,000 held-out rows, the ramp after layer 3 (the
-benchmark's first stage) lets 57% of them exit within a 1% budget with the 38,000 rows,
-against 51% with the training rows alone; after layers 4 and 5 the extra rows change
-that by -2 and -1.5 points, within the held-out rows' noise.
-
-The offline thresholds:
+measure each ramp's agreement with the full model and tune the offline thresholds:
 
 - per ramp: ``tuner.tune`` on the held-out rows, with the latency saved by a ramp taken
   as the fraction of blocks it skips, under the accuracy budget;
@@ -29,7 +19,7 @@ The offline thresholds:
 Rows run in batches of similar size, and a model that can drop padding (``compact``)
 runs each batch only as long as its longest row: the features are the same, and the
 text model's pass is about twice as fast. On 2 cores: 290 s for EfficientNet-Lite0 (30,000
-rows), 190 s for MiniLM-L6 (8,202 rows and 29,854 unlabelled; 5.2 GB resident at peak).
+rows), 65 s for MiniLM-L6 (8,202).
 
 The file is written where the manifest's ``earlyExits.rampsFile`` points, else
 ``<cache>/ramps/<model>.pt``; with ``--keep-valid`` a file there that loads for the model
@@ -67,10 +57,6 @@ from worldmesh_worker.models.heads import train_linear_head
 
 SEED = 0
 L2 = 1e-3  #: fixed (no selection): ramps are many, and one fit each keeps training short
-SPANS = 3  #: word spans drawn from each text training row (``extra_rows``)
-#: how ramps are trained; ``--keep-valid`` retrains a file of another recipe
-#: (2: the extra text rows)
-RECIPE = 2
 
 
 def samples(model: Any, split: str, rows: int) -> list[Any]:
@@ -91,30 +77,6 @@ def samples(model: Any, split: str, rows: int) -> list[Any]:
     if model.name in ("toy", "toy-slow"):
         return list(rng.integers(-10, 11, size=(rows, 16)).astype(np.float32))
     raise ValueError(f"model {model.name!r}: no training data known for its ramps")
-
-
-def extra_rows(model: Any, rows: Sequence[Any], spans: int = SPANS) -> list[Any]:
-    """Unlabelled rows for distillation beyond ``rows`` (text models; none for others).
-
-    ``spans`` random contiguous spans of each text row, 30-90% of its words (at least
-    3): a phrase of a review still carries or blurs its tone, and the full model says
-    how much. Then the corpus's plot sentences, movie text in neither split.
-    """
-    if model.name != "minilm-l6" or spans <= 0:
-        return []
-    from worldmesh_worker.data import rotten_tomatoes_plots
-
-    rng = np.random.default_rng(SEED + 1)
-    out: list[Any] = []
-    for row in rows:
-        words = row.decode().split()
-        if len(words) < 4:
-            continue
-        for _ in range(spans):
-            n = int(rng.integers(max(3, len(words) * 3 // 10), max(4, len(words) * 9 // 10) + 1))
-            start = int(rng.integers(0, len(words) - n + 1))
-            out.append(" ".join(words[start : start + n]).encode())
-    return out + [t.encode() for t in rotten_tomatoes_plots()]
 
 
 def batch_inputs(model: Any, rows: Sequence[Any]) -> dict[str, np.ndarray]:
@@ -159,7 +121,6 @@ def train(
     train_rows: int = 30000,
     heldout_rows: int = 2000,
     budget: float = 0.01,
-    spans: int = SPANS,
 ) -> RampSet:
     """Fit a ramp at every site of ``model``; return them with their measurements."""
     check_sites(model, sites)
@@ -170,8 +131,7 @@ def train(
     held, rows = rows[:heldout_rows], rows[heldout_rows:]
     if not rows:
         raise ValueError(f"the training split of {model.name!r} has no rows left for training")
-    extra = extra_rows(model, rows, spans)
-    train_x, final_train = features(model, rows + extra, sites, desc="train rows")
+    train_x, final_train = features(model, rows, sites, desc="train rows")
     held_x, final_held = features(model, held, sites, desc="held-out rows")
     target = torch.softmax(final_train, dim=1)
     label = final_held.argmax(1).numpy()
@@ -200,9 +160,7 @@ def train(
     }
     meta = {
         "train_rows": len(rows),
-        "extra_rows": len(extra),
         "heldout_rows": len(label),
-        "recipe": RECIPE,
         "budget": budget,
         "seconds": time.perf_counter() - started,
     }
@@ -226,14 +184,12 @@ def _target(arg: str) -> tuple[str, list[int], Path | None, float]:
 
 
 def _loads(path: Path, model: Any, sites: Sequence[int]) -> bool:
-    """Whether ``path`` holds ramps at ``sites`` that load for ``model`` (this format),
-    trained by this recipe."""
+    """Whether ``path`` holds ramps at ``sites`` that load for ``model`` (this format)."""
     try:
-        ramps = load_ramps(path, model)
-        ramps.select(sites)
+        load_ramps(path, model).select(sites)
     except RampFileError:
         return False
-    return ramps.meta.get("recipe") == RECIPE
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="the ramps file (default: see above)")
     p.add_argument("--train-rows", type=int, default=30000)
     p.add_argument("--heldout-rows", type=int, default=2000)
-    p.add_argument(
-        "--spans", type=int, default=SPANS, help="word spans per text row for distillation"
-    )
     p.add_argument(
         "--keep-valid", action="store_true", help="keep a ramps file there that loads for the model"
     )
@@ -269,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_valid and _loads(path, model, sites):
             print(f"{path}: ramps for {model.name} are up to date")
             return 0
-        ramps = train(model, sites, args.train_rows, args.heldout_rows, budget, args.spans)
+        ramps = train(model, sites, args.train_rows, args.heldout_rows, budget)
     except (ValueError, OSError, ModelNotPrepared) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -282,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"shared offline threshold {ramps.threshold:.4g} (budget {budget:g}); "
-        f"trained on {ramps.meta['train_rows']} rows "
-        f"(and {ramps.meta['extra_rows']} unlabelled) in {ramps.meta['seconds']:.1f} s -> {path}"
+        f"trained on {ramps.meta['train_rows']} rows in {ramps.meta['seconds']:.1f} s -> {path}"
     )
     return 0
 
