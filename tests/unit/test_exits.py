@@ -461,6 +461,65 @@ def test_ramps_train_reads_a_manifest_and_reports_agreement(
     assert "spec.earlyExits.ramps[0]: 3 is not a ramp site" in capsys.readouterr().err
 
 
+def one_ramp_stream(controller: ExitController, clock: Clock, rows: list[tuple[float, bool]]):
+    """Feed one-row requests to a one-ramp controller: (ramp error, ramp agrees) each.
+    Returns, per row, whether it was released with a disagreeing answer."""
+    wrong = []
+    for err, agrees in rows:
+        row = controller.requests
+        clock.now = 10.0 * row
+        controller.start_request([row], early=True)
+        clock.now += 1
+        released = controller.on_ramp(row, 0, 1.0 - err, 1 if agrees else 2)
+        clock.now += 1
+        controller.on_final(row, 1)
+        wrong.append(released and not agrees)
+    return wrong
+
+
+def test_a_shift_that_turns_the_ramps_confident_answers_wrong_is_seen_among_its_exits() -> None:
+    # Clean mix: half the rows are easy (error 0.01, right), half hard (error 0.5). New
+    # mix: one row in 10 looks easy, and a third of those are wrong: 3.3% lost per row,
+    # but 64 rows hold 2 such rows on average, where a loss at the 1% budget is
+    # unlikely (under 1e-3) only from 5. Among the exits the change is plain at once.
+    rng = np.random.default_rng(5)
+    clean = [
+        (0.01, True) if rng.random() < 0.5 else (0.5, bool(rng.random() < 0.5)) for _ in range(1024)
+    ]
+    shifted = [
+        (0.01, bool(rng.random() >= 1 / 3)) if rng.random() < 0.1 else (0.9, True)
+        for _ in range(768)
+    ]
+    clock = Clock()
+    controller = ExitController(
+        [0], {0: 0.0}, WorkerMetrics(CollectorRegistry(), "d", 0, "w"), clock=clock
+    )
+    controller.on_cost(0, 0.001)
+    one_ramp_stream(controller, clock, clean)
+    assert controller.cuts == 0 and controller.threshold(0) > 0.01  # easy rows exit
+    cut_at = 0
+    while not controller.cuts and cut_at < 512:
+        one_ramp_stream(controller, clock, shifted[cut_at : cut_at + controller.every])
+        cut_at += controller.every
+    assert controller.cuts == 1 and cut_at <= 64, cut_at  # within tens of requests
+    later = one_ramp_stream(controller, clock, shifted[cut_at : cut_at + 256])
+    assert sum(later) <= 2  # then the budget holds on the new mix
+
+
+def test_a_threshold_rises_only_after_rows_enough_for_two_disagreements() -> None:
+    # the ramp is right and sure on every row; at a 1% budget its threshold may rise
+    # once it has answered 200 rows (a tune every 32 rows: at 224)
+    clock = Clock()
+    controller = ExitController(
+        [0], {0: 0.0}, WorkerMetrics(CollectorRegistry(), "d", 0, "w"), clock=clock
+    )
+    controller.on_cost(0, 0.001)
+    one_ramp_stream(controller, clock, [(0.01, True)] * 192)
+    assert controller.decisions == 6 and controller.threshold(0) == 0.0
+    one_ramp_stream(controller, clock, [(0.01, True)] * 32)
+    assert controller.threshold(0) > 0.01
+
+
 def test_the_manager_switching_a_ramp_off_retunes_the_ramps_left() -> None:
     # Ramp 0 answers half the rows confidently and rightly; ramp 1 is right on the other
     # half, but confidently wrong exactly on the rows ramp 0 catches first. Ramp 0 costs
