@@ -353,6 +353,11 @@ async def running_operator(
     url = str(emulator.url).rstrip("/")
     memo = kopf.Memo(api=KubeApi(url), image="worldmesh/worker:test", kube_url=url)
     ready, stop = threading.Event(), threading.Event()
+    # Peers re-announce themselves every 5-10 s instead of kopf's 50-55 s, so a peering
+    # event the watch missed (a clean-clone CI run once saw neither operator pause) is
+    # made good well within the tests' 30 s waits.
+    settings = kopf.OperatorSettings()
+    settings.peering.lifetime = 15
 
     def run() -> None:
         asyncio.run(
@@ -361,6 +366,7 @@ async def running_operator(
                 peering_name=peering,
                 priority=priority,
                 clusterwide=True,
+                settings=settings,
                 memo=memo,
                 ready_flag=ready,
                 stop_flag=stop,
