@@ -127,6 +127,11 @@ def _reference(model: Any, rows: list[dict[str, np.ndarray]]) -> np.ndarray:
     return np.concatenate(labels)
 
 
+def _stage(w: Workload, site: int) -> int:
+    """The pipeline stage (0-based) whose blocks include ramp site ``site``."""
+    return sum(site >= first for first in w.split)
+
+
 async def _post(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, Any]:
     async with session.post(url, json=body) as response:
         doc = await response.json(content_type=None)
@@ -277,6 +282,11 @@ async def _workload(w: Workload, quick: bool) -> list[Figure]:
                 [a[1] for a in answers], split_reference[latency_rows]
             ),
             "early_fraction": sum(e != "final" for e in exits) / max(1, len(exits)),
+            # the median moves only with exits in the first stage: where they left
+            "early_fraction_by_stage": [
+                sum(e != "final" and _stage(w, e) == stage for e in exits) / max(1, len(exits))
+                for stage in range(len(w.split) + 1)
+            ],
             "throughput_rps": sum(run["rounds"]) / ROUNDS,
             "throughput_rounds_rps": run["rounds"],
             "throughput_first_pass_rps": run["throughput"],
@@ -305,8 +315,9 @@ async def _workload(w: Workload, quick: bool) -> list[Figure]:
                 "ratio-1",
                 ("<= -0.4" if w.name == "vision" else "<= -0.15") if goal else "",
                 f"none: p50 {base['p50_ms']:.1f} ms, {policy}: {s['p50_ms']:.1f} ms "
-                f"({100 * s['early_fraction']:.0f}% answered by a ramp; {len(sample)} "
-                f"requests at {w.rate:g}/s)",
+                f"({100 * s['early_fraction']:.0f}% answered by a ramp, "
+                f"{100 * s['early_fraction_by_stage'][0]:.0f}% in the first stage; "
+                f"{len(sample)} requests at {w.rate:g}/s)",
                 detail=detail if goal else {},
             ),
             Figure(
