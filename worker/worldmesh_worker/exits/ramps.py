@@ -7,11 +7,11 @@ Covers:
   channels are few: 5x5 on EfficientNet-Lite0's first six blocks, 1x1 on its last). On
   EfficientNet-Lite0 after block 5 (40 channels), measured on 3,000 held-out
   Fashion-MNIST rows, 65% of them can exit within a 0.7% budget (about what the online
-  policy spends of a 1% one) with 5x5 pooling and
-  30,000 training rows, against 61% with 3x3 (with 12,000 rows: 63% against 62%; finer
-  grids need more rows). The masked mean of a
-  ``[N, T, D]`` hidden state with its ``[N, T]`` attention mask (transformers), or a
-  ``[N, D]`` activation as is (MLPs). Anything else is a ``ValueError``.
+  policy spends of a 1% one) with 5x5 pooling and 30,000 training rows, against 61%
+  with 3x3 (with 12,000 rows: 63% against 62%; finer grids need more rows). The masked
+  mean of a ``[N, T, D]`` hidden state with its ``[N, T]`` attention mask
+  (transformers), or a ``[N, D]`` activation as is (MLPs). Anything else is a
+  ``ValueError``.
 - ``Ramp``: pooling plus one linear layer; ``site`` is the block index whose output it
   reads, so a ramp at site ``b`` answers once block ``b`` has run.
 - ``candidate_sites(model)``: every block boundary before the final head,
