@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -522,6 +523,60 @@ def test_a_steady_mix_within_budget_is_not_taken_for_a_shift() -> None:
     assert controller.exits[0] > 3000 and wrong.mean() <= 0.01
 
 
+def test_a_mix_on_which_the_ramps_turn_unsure_is_seen_from_its_exits_alone() -> None:
+    # Clean mix: half the rows look easy to the ramp. New mix: one row in 20 does, and no
+    # exit is wrong yet, so neither disagreement test can fire. The exits, far fewer than
+    # the older rows give under the same threshold, show that the window no longer says
+    # what the threshold does.
+    rng = np.random.default_rng(5)
+    clean = [(0.01, True) if rng.random() < 0.5 else (0.5, True) for _ in range(1024)]
+    unsure = [(0.01, True) if rng.random() < 0.05 else (0.9, True) for _ in range(256)]
+    clock = Clock()
+    controller = ExitController(
+        [0], {0: 0.0}, WorkerMetrics(CollectorRegistry(), "d", 0, "w"), clock=clock
+    )
+    controller.on_cost(0, 0.001)
+    replay(controller, clock, *one_ramp(clean))
+    assert controller.cuts == 0 and controller.threshold(0) > 0.01
+    cut_at = 0
+    while not controller.cuts and cut_at < len(unsure):
+        replay(controller, clock, *one_ramp(unsure[cut_at : cut_at + controller.every]))
+        cut_at += controller.every
+    assert controller.cuts == 1 and cut_at <= 64, cut_at  # within tens of requests
+    assert len(controller.window) <= 64  # the clean rows are gone from the window
+
+
+def test_a_ramp_switched_off_and_on_again_is_not_taken_for_a_shift() -> None:
+    # Ramps 0 and 1 each answer a third of the rows surely and rightly, the rest unsurely
+    # and wrongly. Ramp 1 is switched
+    # off, as the manager does, until the manager explores it again: the window then
+    # holds ramp 1's answers on its oldest and newest rows only. Exit counts must compare
+    # the same ramps on every row, or the rows between look like a shift.
+    rng = np.random.default_rng(3)
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pick = rng.integers(0, 3, n)
+        sure = pick[:, None] == np.array([0, 1])
+        errs = np.where(sure, 0.01, 0.6)
+        return errs, np.where(sure, 1, 2), np.ones(n, dtype=np.int64)  # unsure: wrong
+
+    clock = Clock()
+    controller = ExitController(
+        [0, 1], {0: 0.0, 1: 0.0}, WorkerMetrics(CollectorRegistry(), "d", 0, "w"), clock=clock
+    )
+    controller.on_cost(0, 0.001)
+    controller.on_cost(1, 0.001)
+    replay(controller, clock, *rows(1024))
+    assert controller.active == {0, 1} and controller.threshold(1) > 0.01
+    controller.active = {0}
+    controller.off_since[1] = controller.decisions
+    while controller.active == {0}:  # until the manager explores ramp 1 again
+        replay(controller, clock, *rows(controller.every))
+    assert controller.active == {0, 1}
+    replay(controller, clock, *rows(512))
+    assert controller.cuts == 0
+
+
 def test_a_threshold_rises_only_after_rows_enough_for_two_disagreements() -> None:
     # the ramp is right and sure on every row; at a 1% budget its threshold may rise
     # once it has answered 200 rows (a tune every 32 rows: at 224)
@@ -858,3 +913,27 @@ class FakeWorld:
 
     def break_(self, reason: str) -> None:
         self.broken.append(reason)
+
+
+def test_the_binomial_tail_holds_for_windows_of_thousands_of_rows() -> None:
+    # comb(4096, 2000) overflows a float: the tail must still be a probability
+    assert _tail(2000, 4096, 0.01) == pytest.approx(0.0, abs=1e-300)
+    assert _tail(30, 4096, 0.01) == pytest.approx(0.9, abs=0.1)  # about the mean (41)
+    assert _tail(41, 4096, 0.01) > _tail(60, 4096, 0.01) > _tail(80, 4096, 0.01) > 0
+    assert _tail(1, 10, 1.0) == 1.0 and _tail(11, 10, 0.5) == 0.0 and _tail(1, 10, 0.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        ({"recent": 0}, "recent 0"),
+        ({"every": 0}, "every 0"),
+        ({"window": 100, "recent": 64}, "window 100"),
+        ({"budget": 1.5}, "budget 1.5"),
+    ],
+)
+def test_a_controller_refuses_settings_it_cannot_run_with(
+    kwargs: dict[str, Any], names: str
+) -> None:
+    with pytest.raises(ValueError, match=names):
+        ExitController([0], {0: 0.0}, WorkerMetrics(CollectorRegistry(), "d", 0, "w"), **kwargs)
