@@ -19,6 +19,7 @@ import common
 import control_bench
 import exits_bench
 import pipeline_bench
+import shift_bench
 import worlds_bench
 
 BENCHMARKS = {
@@ -26,6 +27,7 @@ BENCHMARKS = {
     "pipeline": pipeline_bench.run,
     "control": control_bench.run,
     "exits": exits_bench.run,
+    "shift": shift_bench.run,
     "autoscale": autoscale_bench.run,
 }
 

@@ -1,0 +1,187 @@
+"""How fast the online exit controller reacts to an input-mix shift, over many seeds.
+
+The live benchmark (``exits_bench``) runs one shift per run, and its figure swings: a
+window of 100 answers holds 2 disagreements 19% of the time at a steady 0.8% loss. Here
+the controller is replayed, in this process, on the real ramps' recorded answers to rows
+made as there (the full model's label for each, every ramp's error and label), over
+``SEEDS`` seeded orders: ``WARM`` clean rows, then the shifted rows (vision: noisy
+images, a seeded sample of them; text: only "rotten" sentences, then only "fresh").
+Each seed runs twice on the same rows: with the controller's every shift test, and
+without the exit-count test (``rate_alpha=0``, the baseline). Per seed: the requests
+after the shift until every later 100-request window is within budget, and the loss
+over the shifted rows; on ``LONG`` clean rows per seed, how often either controller took
+clean rows for a shift. Requests are one row each, labelled before the next starts.
+
+A replayed ramp answers at the request's start plus ``ANSWER_AT[stage]`` (the latency
+saved per exit is measured from there to the final answer, at 25 ms): about what the
+live benchmark measures per stage, it only weighs the tuner's choice among ramps.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+import numpy as np
+import torch
+from common import Figure
+from exits_bench import TEXT, VISION, Workload, _inputs, _ramps, _recovery, _stage
+from prometheus_client import CollectorRegistry
+
+from worldmesh_worker.exits.controller import ExitController
+from worldmesh_worker.exits.train import features
+from worldmesh_worker.metrics import WorkerMetrics
+from worldmesh_worker.models import load_model
+
+SEEDS = 16
+WARM = 3000  # clean rows before the shift
+LONG = 6000  # clean rows per seed for the false-shift count
+FINAL_AT = 0.025
+ANSWER_AT = {"vision": (0.010, 0.019, 0.024), "text": (0.013, 0.023)}
+
+
+def _answers(w: Workload, quick: bool) -> dict[str, Any]:
+    """The ramps' (errors, labels) and the full model's labels on the clean and shifted
+    rows of ``exits_bench``."""
+    model = load_model(w.model)
+    ramps = _ramps(model)
+    sites = sorted(ramps.ramps)
+    clean, shifted = _inputs(w, 2000 if quick else None, w.shift_rows * (5 if w is VISION else 1))
+    out: dict[str, Any] = {"sites": sites}
+    for part, rows in (("clean", clean), ("shift", shifted)):
+        ((name,),) = {tuple(rows[0])}
+        feats, logits = features(model, [r[name][0] for r in rows], sites, desc=part)
+        errs = np.zeros((len(rows), len(sites)))
+        labels = np.zeros((len(rows), len(sites)), dtype=np.int64)
+        with torch.inference_mode():
+            for j, site in enumerate(sites):
+                probs = torch.softmax(ramps.ramps[site].linear(feats[site]).double(), 1)
+                errs[:, j] = 1.0 - probs.max(1).values.numpy()
+                labels[:, j] = probs.argmax(1).numpy()
+        out[part] = (errs, labels, logits.argmax(1).numpy())
+    return out
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _controller(sites: list[int], rate_test: bool) -> tuple[ExitController, _Clock]:
+    clock = _Clock()
+    metrics = WorkerMetrics(CollectorRegistry(), "replay", 0, "replay")
+    kwargs = {} if rate_test else {"rate_alpha": 0.0}
+    controller = ExitController(sites, dict.fromkeys(sites, 0.0), metrics, clock=clock, **kwargs)
+    return controller, clock
+
+
+def _replay(
+    w: Workload,
+    answers: dict[str, Any],
+    controller: ExitController,
+    clock: _Clock,
+    part: str,
+    order: Any,
+) -> list[tuple[int | None, bool]]:
+    """Feed rows ``order`` of ``part``; per row (the stage that released it or None, wrong)."""
+    errs, labels, final = answers[part]
+    out = []
+    for i in order:
+        row = controller.requests
+        start = float(row)
+        clock.now = start
+        controller.start_request([row], True)
+        released = None
+        for j, site in enumerate(controller.sites):
+            if site not in controller.active:
+                continue
+            clock.now = start + ANSWER_AT[w.name][_stage(w, site)]
+            controller.on_cost(site, 1e-4)
+            # True once per row at most: a one-row request is released by its first answer
+            if controller.on_ramp(row, site, 1.0 - errs[i, j], int(labels[i, j])):
+                released = j
+                controller.on_release(site)
+        clock.now = start + FINAL_AT
+        controller.on_final(row, int(final[i]))
+        wrong = released is not None and labels[i, released] != final[i]
+        stage = None if released is None else _stage(w, controller.sites[released])
+        out.append((stage, bool(wrong)))
+    return out
+
+
+def _order(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:
+    """``rows`` row indices: seeded permutations of the ``n`` rows, one after another."""
+    return np.concatenate([rng.permutation(n) for _ in range(-(-rows // n))])[:rows]
+
+
+def _workload(w: Workload, quick: bool) -> list[Figure]:
+    answers = _answers(w, quick)
+    seeds, long = (4, 3000) if quick else (SEEDS, LONG)
+    n_clean, n_shift = len(answers["clean"][2]), len(answers["shift"][2])
+    runs: dict[bool, dict[str, list[Any]]] = {}
+    for rate_test in (True, False):
+        run: dict[str, list[Any]] = {"recovered": [], "loss": [], "first": [], "cuts": []}
+        for seed in range(seeds):
+            rng = np.random.default_rng(seed)
+            controller, clock = _controller(answers["sites"], rate_test)
+            warm = _replay(w, answers, controller, clock, "clean", _order(rng, n_clean, WARM))
+            run["first"].append(np.mean([s == 0 for s, _ in warm[-1500:]]))
+            # vision: a sample of the noisy images; text, as live: rotten, then fresh
+            sample = rng.permutation(n_shift)[: w.shift_rows]
+            order = sample if w is VISION else np.arange(n_shift)
+            wrong = [bad for _, bad in _replay(w, answers, controller, clock, "shift", order)]
+            recovered, _ = _recovery(wrong)
+            run["recovered"].append(recovered)
+            run["loss"].append(float(np.mean(wrong)))
+            clean, clock = _controller(answers["sites"], rate_test)
+            _replay(w, answers, clean, clock, "clean", _order(rng, n_clean, long))
+            run["cuts"].append(clean.cuts)
+        runs[rate_test] = run
+
+    def held(run: dict[str, list[Any]]) -> float:
+        """The median over seeds; -1 when more than half never held."""
+        median = statistics.median(math.inf if r is None else r for r in run["recovered"])
+        return -1.0 if median == math.inf else float(median)
+
+    def never(run: dict[str, list[Any]]) -> int:
+        return sum(r is None for r in run["recovered"])
+
+    new, old = runs[True], runs[False]
+    detail = {
+        "seeds": seeds,
+        "warm_rows": WARM,
+        "shift_rows": w.shift_rows,
+        "long_rows": long,
+        "runs": {"every test": new, "without the exit-count test": old},
+    }
+    return [
+        Figure(
+            f"{w.name} shift replay: median requests until every later 100-window holds",
+            held(new),
+            "requests",
+            "",
+            f"without the exit-count test {held(old):g}; never held {never(new)} / "
+            f"{never(old)} of {seeds} seeds; loss over the shifted rows "
+            f"{np.mean(new['loss']):.4f} / {np.mean(old['loss']):.4f}; first stage, last "
+            f"1,500 clean rows {np.mean(new['first']):.3f} / {np.mean(old['first']):.3f}",
+            samples=[-1.0 if r is None else float(r) for r in new["recovered"]],
+            detail=detail,
+        ),
+        Figure(
+            f"{w.name} shift replay: clean stretches taken for a shift, {seeds} x {long} rows",
+            float(sum(new["cuts"])),
+            "cuts",
+            "",
+            f"without the exit-count test {sum(old['cuts'])}",
+            samples=[float(c) for c in new["cuts"]],
+        ),
+    ]
+
+
+async def run(quick: bool = False) -> list[Figure]:
+    torch.set_num_threads(1)
+    return _workload(VISION, quick) + _workload(TEXT, quick)
