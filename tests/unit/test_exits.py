@@ -31,13 +31,20 @@ Covers:
   message breaks its world with the reason and is not used; a later stage runs the union
   of the ramps its front workers ask for, and drops a front's when it goes;
 - the manager switches off ramps with no utility, keeps the summed cost under the ramp
-  budget, and tries an inactive ramp again; the controller exports the metrics.
+  budget, and tries an inactive ramp again; the controller exports the metrics;
+- shifts: one seen among the exits before the loss per row is unlikely, one seen from
+  the exits' count alone (none without that test), a steady mix within budget and a
+  ramp switched off and on again taken for none; a threshold rises only after 200 rows
+  at 1%; the binomial tail holds for thousands of rows; settings the controller cannot
+  run with are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+from fractions import Fraction
+from math import comb
 from pathlib import Path
 from typing import Any
 
@@ -485,7 +492,11 @@ def test_a_shift_that_turns_the_ramps_confident_answers_wrong_is_seen_among_its_
     ]
     clock = Clock()
     controller = ExitController(
-        [0], {0: 0.0}, WorkerMetrics(CollectorRegistry(), "d", 0, "w"), clock=clock
+        [0],
+        {0: 0.0},
+        WorkerMetrics(CollectorRegistry(), "d", 0, "w"),
+        rate_alpha=0.0,  # the exits' count falls too: here only disagreements may show it
+        clock=clock,
     )
     controller.on_cost(0, 0.001)
     replay(controller, clock, *one_ramp(clean))
@@ -531,19 +542,29 @@ def test_a_mix_on_which_the_ramps_turn_unsure_is_seen_from_its_exits_alone() -> 
     rng = np.random.default_rng(5)
     clean = [(0.01, True) if rng.random() < 0.5 else (0.5, True) for _ in range(1024)]
     unsure = [(0.01, True) if rng.random() < 0.05 else (0.9, True) for _ in range(256)]
-    clock = Clock()
-    controller = ExitController(
-        [0], {0: 0.0}, WorkerMetrics(CollectorRegistry(), "d", 0, "w"), clock=clock
-    )
-    controller.on_cost(0, 0.001)
-    replay(controller, clock, *one_ramp(clean))
-    assert controller.cuts == 0 and controller.threshold(0) > 0.01
-    cut_at = 0
-    while not controller.cuts and cut_at < len(unsure):
-        replay(controller, clock, *one_ramp(unsure[cut_at : cut_at + controller.every]))
-        cut_at += controller.every
+
+    def cut_after(rate_alpha: float) -> tuple[ExitController, int]:
+        clock = Clock()
+        controller = ExitController(
+            [0],
+            {0: 0.0},
+            WorkerMetrics(CollectorRegistry(), "d", 0, "w"),
+            rate_alpha=rate_alpha,
+            clock=clock,
+        )
+        controller.on_cost(0, 0.001)
+        replay(controller, clock, *one_ramp(clean))
+        assert controller.cuts == 0 and controller.threshold(0) > 0.01
+        cut_at = 0
+        while not controller.cuts and cut_at < len(unsure):
+            replay(controller, clock, *one_ramp(unsure[cut_at : cut_at + controller.every]))
+            cut_at += controller.every
+        return controller, cut_at
+
+    controller, cut_at = cut_after(rate_alpha=1e-9)  # the default
     assert controller.cuts == 1 and cut_at <= 64, cut_at  # within tens of requests
     assert len(controller.window) <= 64  # the clean rows are gone from the window
+    assert cut_after(rate_alpha=0.0)[0].cuts == 0  # no disagreement tells it otherwise
 
 
 def test_a_ramp_switched_off_and_on_again_is_not_taken_for_a_shift() -> None:
@@ -570,7 +591,9 @@ def test_a_ramp_switched_off_and_on_again_is_not_taken_for_a_shift() -> None:
     assert controller.active == {0, 1} and controller.threshold(1) > 0.01
     controller.active = {0}
     controller.off_since[1] = controller.decisions
-    while controller.active == {0}:  # until the manager explores ramp 1 again
+    for _ in range(64):  # until the manager explores ramp 1 again (every 8 decisions)
+        if controller.active != {0}:
+            break
         replay(controller, clock, *rows(controller.every))
     assert controller.active == {0, 1}
     replay(controller, clock, *rows(512))
@@ -918,9 +941,15 @@ class FakeWorld:
 def test_the_binomial_tail_holds_for_windows_of_thousands_of_rows() -> None:
     # comb(4096, 2000) overflows a float: the tail must still be a probability
     assert _tail(2000, 4096, 0.01) == pytest.approx(0.0, abs=1e-300)
-    assert _tail(30, 4096, 0.01) == pytest.approx(0.9, abs=0.1)  # about the mean (41)
     assert _tail(41, 4096, 0.01) > _tail(60, 4096, 0.01) > _tail(80, 4096, 0.01) > 0
     assert _tail(1, 10, 1.0) == 1.0 and _tail(11, 10, 0.5) == 0.0 and _tail(1, 10, 0.0) == 0.0
+    with pytest.raises(ValueError, match="not a probability"):
+        _tail(1, 10, float("nan"))
+    # both sides of the sum (k below and above the mean) against exact rational sums
+    for k, n, p in [(30, 1000, 0.01), (3, 1000, 0.01), (25, 64, 0.65), (60, 64, 0.65)]:
+        rate = Fraction(p)
+        exact = 1 - sum(comb(n, i) * rate**i * (1 - rate) ** (n - i) for i in range(k))
+        assert _tail(k, n, p) == pytest.approx(float(exact), rel=1e-9)
 
 
 @pytest.mark.parametrize(

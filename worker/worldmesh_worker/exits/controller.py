@@ -40,12 +40,15 @@ messages) and every final answer, so all online state lives here:
   sure of, and the fall is plain at once (noisy images: from 65% of rows exiting to
   9%, a tail far below 1e-9 within 64 rows). It counts only the ramps that answered
   every row of the window, since a ramp switched off and on again answered some
-  stretches only; a rise in exits is not tested (an easier mix is no risk). The window
-  is then cut back to that stretch before tuning, so the old mix cannot keep
-  thresholds up. A ramp's threshold rises only once it has answered rows enough for
-  two disagreements within the budget (``CLIMB_DISAGREEMENTS``: 200 rows at 1%, at the
-  start, after a cut and when the ramp is switched on again; with one, a threshold
-  climbed on a lucky stretch of the new mix broke the budget again), and the manager
+  stretches only: a ramp with a gap in its answers is left out until the gap leaves the
+  window, and with no ramp left the test is off. A rise in exits is not tested (an
+  easier mix is no risk). The window is then cut back to that stretch before tuning, so
+  the old mix cannot keep thresholds up. A ramp's threshold rises only once the window
+  holds rows enough of its answers for two disagreements within the budget
+  (``CLIMB_DISAGREEMENTS``: 200 rows at 1%; at the start, after a cut, and for a ramp
+  switched on again, whose answers from before still count while in the window; with
+  one, a threshold climbed on a lucky stretch of the new mix broke the budget again),
+  and the manager
   judges a ramp once it has answered twice that. ``bench/shift_bench.py`` replays the
   real ramps' answers over 16 seeded shifts from 3,000 clean EfficientNet-Lite0 test
   images to 400 noisy ones (the benchmark's shift): the loss over every later
@@ -115,6 +118,15 @@ class ExitController:
     ) -> None:
         if not 0.0 <= budget <= 1.0:
             raise ValueError(f"accuracy budget {budget} is not within [0, 1]")
+        if policy not in ("online", "fixed"):
+            raise ValueError(f"policy {policy!r} is not online or fixed")
+        if not (0.0 < safety <= 1.0 and 0.0 <= shift_alpha <= 1.0 and 0.0 <= rate_alpha <= 1.0):
+            raise ValueError(
+                f"safety {safety}, shift_alpha {shift_alpha}, rate_alpha {rate_alpha}: "
+                "need a safety within (0, 1] and alphas within [0, 1]"
+            )
+        if prior < 0.0:
+            raise ValueError(f"prior {prior} is negative")
         if recent < 1 or every < 1 or window < 2 * recent:
             raise ValueError(
                 f"window {window}, recent {recent}, every {every}: need recent >= 1, "
@@ -228,9 +240,9 @@ class ExitController:
         active = np.array([s in self.active for s in self.sites])
         errs = np.where(active, errs, np.nan)  # an off ramp answers nothing
         saved = np.array([self.saved[s] for s in self.sites])
-        # A shift in the input mix: recent rows break the budget, or their exits turn wrong,
-        # beyond chance. The older rows no longer say what the thresholds do, so tune on
-        # the recent ones only.
+        # A shift in the input mix: recent rows break the budget, their exits turn wrong,
+        # or far fewer of them exit, beyond chance. The older rows no longer say what the
+        # thresholds do, so tune on the recent ones only.
         recent = self._shifted(errs, agree, saved)
         if recent is not None:
             errs, agree = errs[-recent:], agree[-recent:]
@@ -341,8 +353,10 @@ class ExitController:
             older = len(errs) - span
             # the rate per exit at which the older rows' exits would spend the budget
             per_exit = min(1.0, self.budget * older / max(1, all_exits - exits))
-            # how often the older rows pass every steady ramp without exiting
-            stay = 1.0 - (all_steady - steady_exits) / older
+            # how often the older rows pass every steady ramp without exiting (with one
+            # pass and one exit more seen: if every older row exited, one row that does
+            # not would otherwise be impossible)
+            stay = (older - (all_steady - steady_exits) + 1) / (older + 2)
             if (
                 _tail(wrong, span, self.budget) < self.shift_alpha
                 or _tail(wrong, exits, per_exit) < self.shift_alpha
@@ -414,6 +428,8 @@ def _tail(k: int, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p): how likely ``k`` disagreements in ``n`` rows are
     at a true loss of ``p``. Summed in log space: ``comb(n, i) * p**i`` overflows a float
     for a few thousand rows."""
+    if not 0.0 <= p <= 1.0:  # NaN too: never read as "unlikely"
+        raise ValueError(f"binomial rate {p} is not a probability")
     if k <= 0:
         return 1.0
     if k > n or p <= 0.0:
