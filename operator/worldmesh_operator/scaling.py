@@ -17,7 +17,11 @@ the worker count it wants, as the Kubernetes HPA does:
 - rate limits: at most ``scaleUpLimit.workers`` added (``scaleDownLimit.workers`` removed)
   per ``periodSeconds``;
 - the bottleneck first: in one tick only the stage with the highest ``signal / target``
-  grows; the others are looked at again on the next tick;
+  grows; the others are looked at again on the next tick. And a stage does not grow
+  while a later stage has workers that do not report yet: the rows queued upstream may
+  be waiting for that stage, and its new workers drain them (a local run grew its front
+  stage one second after the slow middle stage had grown, before any newcomer of it was
+  ready);
 - missing or stale metrics hold the stage at its current size (``held`` says why): never
   a scale to zero or to max on no data;
 - the result is clamped to the stage's min..max.
@@ -153,6 +157,9 @@ class Autoscaler:
                 )
         growing = [load for load in loads if raw.get(load.stage, load.current) > load.current]
         bottleneck = max(growing, key=lambda ld: ratios[ld.stage], default=None)
+        arriving = [
+            ld.stage for ld in loads if ld.reporting is not None and ld.reporting < ld.current
+        ]
         decisions = []
         for load in loads:
             if load.stage not in raw:
@@ -165,10 +172,16 @@ class Autoscaler:
                 (now, max(load.min_workers, min(load.max_workers, raw[load.stage])))
             )
             wanted, reason = self._stabilized(history, load, now)
+            later = [stage for stage in arriving if stage > load.stage]
             if wanted > load.current and bottleneck is not None and load.stage != bottleneck.stage:
                 wanted, reason = (
                     load.current,
                     f"stage {bottleneck.stage} is the bottleneck: it grows first",
+                )
+            elif wanted > load.current and later:
+                wanted, reason = (
+                    load.current,
+                    f"stage {later[0]} has workers on the way: they drain this queue first",
                 )
             period = max(
                 self.spec.scale_up_limit.period_seconds, self.spec.scale_down_limit.period_seconds

@@ -59,6 +59,18 @@ def test_the_bottleneck_grows_first():
     assert "bottleneck" in decisions[0].reason
 
 
+def test_a_stage_waits_to_grow_while_a_later_stage_has_workers_on_the_way():
+    # stage 1 grew to 3 and 2 of them do not report yet; the front's queue (5 rows per
+    # worker) may be waiting for stage 1, whose newcomers drain it
+    scaler = Autoscaler(SPEC)
+    front, middle = load(10.0, current=1, stage=0), load(2.0, current=3, stage=1, reporting=1)
+    held = scaler.decide([front, middle], 0)[0]
+    assert held.workers == 1 and "stage 1 has workers on the way" in held.reason
+    # once they report, a queue still long at the front is its own
+    middle = load(2.0, current=3, stage=1, reporting=3)
+    assert scaler.decide([front, middle], 1)[0].workers == 3  # ceil(1 x 10 / 4)
+
+
 def test_missing_metrics_hold_and_bounds_clamp():
     scaler = Autoscaler(SPEC)
     held = scaler.decide([load(None, current=3)], 0)[0]
