@@ -33,7 +33,7 @@ from exits_bench import TEXT, VISION, Workload, _inputs, _ramps, _recovery, _sta
 from prometheus_client import CollectorRegistry
 
 from worldmesh_worker.exits.controller import ExitController
-from worldmesh_worker.exits.train import features
+from worldmesh_worker.exits.train import errors_and_labels, features
 from worldmesh_worker.metrics import WorkerMetrics
 from worldmesh_worker.models import load_model
 
@@ -59,9 +59,7 @@ def _answers(w: Workload, quick: bool) -> dict[str, Any]:
         labels = np.zeros((len(rows), len(sites)), dtype=np.int64)
         with torch.inference_mode():
             for j, site in enumerate(sites):
-                probs = torch.softmax(ramps.ramps[site].linear(feats[site]).double(), 1)
-                errs[:, j] = 1.0 - probs.max(1).values.numpy()
-                labels[:, j] = probs.argmax(1).numpy()
+                errs[:, j], labels[:, j] = errors_and_labels(ramps.ramps[site].linear(feats[site]))
         out[part] = (errs, labels, logits.argmax(1).numpy())
     return out
 

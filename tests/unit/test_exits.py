@@ -332,6 +332,36 @@ def test_the_shift_test_is_a_binomial_tail() -> None:
     assert _tail(5, 64, 0.01) < 1e-3 < _tail(4, 64, 0.01)  # 5 of 64 at a 1% budget: a shift
 
 
+def test_the_binomial_tail_holds_for_windows_of_thousands_of_rows() -> None:
+    # comb(4096, 2000) overflows a float: the tail must still be a probability
+    assert _tail(2000, 4096, 0.01) == pytest.approx(0.0, abs=1e-300)
+    assert _tail(41, 4096, 0.01) > _tail(60, 4096, 0.01) > _tail(80, 4096, 0.01) > 0
+    assert _tail(1, 10, 1.0) == 1.0 and _tail(11, 10, 0.5) == 0.0 and _tail(1, 10, 0.0) == 0.0
+    with pytest.raises(ValueError, match="not a probability"):
+        _tail(1, 10, float("nan"))
+    # both sides of the sum (k below and above the mean) against exact rational sums
+    for k, n, p in [(30, 1000, 0.01), (3, 1000, 0.01), (25, 64, 0.65), (60, 64, 0.65)]:
+        rate = Fraction(p)
+        exact = 1 - sum(comb(n, i) * rate**i * (1 - rate) ** (n - i) for i in range(k))
+        assert _tail(k, n, p) == pytest.approx(float(exact), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        ({"recent": 0}, "recent 0"),
+        ({"every": 0}, "every 0"),
+        ({"window": 100, "recent": 64}, "window 100"),
+        ({"budget": 1.5}, "budget 1.5"),
+    ],
+)
+def test_a_controller_refuses_settings_it_cannot_run_with(
+    kwargs: dict[str, Any], names: str
+) -> None:
+    with pytest.raises(ValueError, match=names):
+        ExitController([0], {0: 0.0}, WorkerMetrics(CollectorRegistry(), "d", 0, "w"), **kwargs)
+
+
 def test_a_head_distils_another_models_probabilities() -> None:
     # soft targets: the head learns the teacher's doubt, not only its argmax
     x = torch.linspace(-3, 3, 400).unsqueeze(1)
@@ -569,10 +599,10 @@ def test_a_mix_on_which_the_ramps_turn_unsure_is_seen_from_its_exits_alone() -> 
 
 def test_a_ramp_switched_off_and_on_again_is_not_taken_for_a_shift() -> None:
     # Ramps 0 and 1 each answer a third of the rows surely and rightly, the rest unsurely
-    # and wrongly. Ramp 1 is switched
-    # off, as the manager does, until the manager explores it again: the window then
-    # holds ramp 1's answers on its oldest and newest rows only. Exit counts must compare
-    # the same ramps on every row, or the rows between look like a shift.
+    # and wrongly. Ramp 1 is switched off, as the manager does, until the manager explores
+    # it again: the window then holds ramp 1's answers on its oldest and newest rows only.
+    # Exit counts must compare the same ramps on every row, or the rows between look like
+    # a shift.
     rng = np.random.default_rng(3)
 
     def rows(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -936,33 +966,3 @@ class FakeWorld:
 
     def break_(self, reason: str) -> None:
         self.broken.append(reason)
-
-
-def test_the_binomial_tail_holds_for_windows_of_thousands_of_rows() -> None:
-    # comb(4096, 2000) overflows a float: the tail must still be a probability
-    assert _tail(2000, 4096, 0.01) == pytest.approx(0.0, abs=1e-300)
-    assert _tail(41, 4096, 0.01) > _tail(60, 4096, 0.01) > _tail(80, 4096, 0.01) > 0
-    assert _tail(1, 10, 1.0) == 1.0 and _tail(11, 10, 0.5) == 0.0 and _tail(1, 10, 0.0) == 0.0
-    with pytest.raises(ValueError, match="not a probability"):
-        _tail(1, 10, float("nan"))
-    # both sides of the sum (k below and above the mean) against exact rational sums
-    for k, n, p in [(30, 1000, 0.01), (3, 1000, 0.01), (25, 64, 0.65), (60, 64, 0.65)]:
-        rate = Fraction(p)
-        exact = 1 - sum(comb(n, i) * rate**i * (1 - rate) ** (n - i) for i in range(k))
-        assert _tail(k, n, p) == pytest.approx(float(exact), rel=1e-9)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "names"),
-    [
-        ({"recent": 0}, "recent 0"),
-        ({"every": 0}, "every 0"),
-        ({"window": 100, "recent": 64}, "window 100"),
-        ({"budget": 1.5}, "budget 1.5"),
-    ],
-)
-def test_a_controller_refuses_settings_it_cannot_run_with(
-    kwargs: dict[str, Any], names: str
-) -> None:
-    with pytest.raises(ValueError, match=names):
-        ExitController([0], {0: 0.0}, WorkerMetrics(CollectorRegistry(), "d", 0, "w"), **kwargs)

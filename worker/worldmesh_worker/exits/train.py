@@ -109,7 +109,8 @@ def features(
     return {s: torch.cat(v)[back] for s, v in feats.items()}, torch.cat(logits)[back]
 
 
-def _errs(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def errors_and_labels(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, a head's error ``1 - max softmax`` and its label."""
     probs = torch.softmax(logits.double(), dim=1)
     best = probs.max(dim=1)
     return (1.0 - best.values).numpy(), best.indices.numpy()
@@ -145,7 +146,7 @@ def train(
         )
         ramps[site] = Ramp(site, linear).eval().requires_grad_(False)
         with torch.inference_mode():
-            errs[:, i], pred = _errs(linear(held_x[site]))
+            errs[:, i], pred = errors_and_labels(linear(held_x[site]))
         agree[:, i] = pred == label
     saved = np.array([(model.num_blocks - 1 - s) / model.num_blocks for s in sites])
     levels = tuner.tune(errs, agree, [0] * len(sites), saved, budget)
