@@ -56,7 +56,9 @@ async def configure(memo: kopf.Memo) -> None:
     if port and "metrics_server" not in memo:
         if not port.isdigit():
             raise kopf.PermanentError(f"{METRICS_PORT_ENV} must be a port number, got {port!r}")
-        memo.metrics_server = await memo.metrics.serve("0.0.0.0", int(port))
+        # The pod's own address where the chart gives it (two replicas may share a host).
+        host = os.environ.get("POD_IP") or "0.0.0.0"
+        memo.metrics_server = await memo.metrics.serve(host, int(port))
 
 
 async def close(memo: kopf.Memo) -> None:

@@ -109,8 +109,7 @@ def worker_config(spec: DeploymentSpec, stage: int, worker_id: str) -> dict[str,
     """The file a worker pod reads: the stage config plus its id, ports and token file."""
     config = spec.stage_config(stage)
     config.update(
-        worker=worker_id,
-        host="0.0.0.0",
+        worker=worker_id,  # no host: the worker binds and advertises its pod IP ($POD_IP)
         ports={"http": spec.ports.http, "control": spec.ports.control},
         tokenFile=f"{TOKEN_DIR}/{TOKEN_KEY}",
         device="cuda" if spec.stages[stage].resources.gpus else "cpu",
@@ -167,6 +166,8 @@ def build_worker_pod(
         "name": "worker",
         "image": spec.image or image,
         "args": ["--config", f"{CONFIG_DIR}/config.json"],
+        # The worker serves on, and gives its peers, the pod's own address.
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "ports": [
             {"name": "http", "containerPort": spec.ports.http, "protocol": "TCP"},
             {"name": "control", "containerPort": spec.ports.control, "protocol": "TCP"},

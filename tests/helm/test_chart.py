@@ -338,7 +338,7 @@ def test_operator_runs_non_root_read_only_with_a_liveness_probe() -> None:
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["resources"]["limits"]["memory"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"]
+    assert "--liveness=http://$(POD_IP):8080/healthz" in c["args"]
     assert c["args"][:2] == ["run", "--module=worldmesh_operator.handlers"]
     assert "--all-namespaces" in c["args"]
     assert f"--peering={FULLNAME}" in c["args"]

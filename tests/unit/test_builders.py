@@ -86,7 +86,9 @@ def test_worker_pod() -> None:
     assert pod["spec"]["restartPolicy"] == "Never"
     config = json.loads(meta["annotations"][builders.ANNOTATION_CONFIG])
     assert config["worker"] == "toy-s1-abc" and config["stage"] == 1
-    assert config["ports"] == {"http": 8080, "control": 8081} and config["host"] == "0.0.0.0"
+    assert config["ports"] == {"http": 8080, "control": 8081} and "host" not in config
+    pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    assert container["env"] == [pod_ip]  # the worker serves on its pod's address
     assert config["tokenFile"] == f"{builders.TOKEN_DIR}/token" and config["device"] == "cuda"
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["token"]["secret"]["secretName"] == "toy-control-token"

@@ -119,7 +119,8 @@ def parse_config(raw: Any, env: dict[str, str] | os._Environ[str]) -> WorkerConf
         stage=stage,
         model=model_name,
         split_points=tuple(split),
-        host=r.str("host", default="127.0.0.1"),
+        # On Kubernetes the pod's IP (downward API): workers give it to their peers.
+        host=r.str("host", default=env.get("POD_IP") or "127.0.0.1"),
         http_port=ports.int("http", default=8080, lo=0, hi=65535),
         control_port=ports.int("control", default=8081, lo=0, hi=65535),
         device=r.str("device", default="cpu"),
