@@ -30,7 +30,7 @@ from . import autoscaling, builders
 from .builders import GROUP, PLURAL, VERSION
 from .reconciler import Action, DrainWorker, StartWorker, StopWorker, WorkerState, plan, summarize
 from .run import desired_of
-from .runtime.kube_api import KubeApi
+from .runtime.kube_client import KubeClient
 from .runtime.kubernetes import KubernetesRuntime
 from .spec import DeploymentSpec, SpecError, parse_spec
 
@@ -58,8 +58,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="worldmesh.io", key="last-handled-configuration"
     )
-    if "api" not in memo:
-        memo.api = KubeApi.from_environment()
+    if "api" not in memo:  # in-cluster, else the kubeconfig (``memo.kubeconfig`` or kubectl's)
+        memo.api = await KubeClient.connect(memo.get("kubeconfig"))
     memo.setdefault("image", os.environ.get("WORLDMESH_WORKER_IMAGE", DEFAULT_IMAGE))
     memo.setdefault("deployments", {})
     await autoscaling.configure(memo)  # control metrics (and their server), Prometheus URL

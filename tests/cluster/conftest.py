@@ -9,17 +9,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import re
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import kopf
 import pytest
 
-from worldmesh_operator.runtime.kube_client import KubeClient
+from worldmesh_operator import handlers  # noqa: F401  (registers the handlers)
+from worldmesh_operator.runtime.kube_client import KubeClient, NotFound
+from worldmesh_worker.local import wait_until
 
 from .controlplane import NODE_NAME, ControlPlane, assets
 from .kubelet import Kubelet
@@ -27,6 +37,7 @@ from .kubelet import Kubelet
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = ROOT / "tools" / "kubectl"
 HELM = ROOT / "tools" / "helm"
+MD = "worldmesh.io/v1alpha1"
 TEST_AGENT = "worldmesh-tests"  #: the User-Agent of the tests' own API client
 
 Kubectl = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -127,3 +138,156 @@ def kubelet(control_plane: ControlPlane) -> Iterator[Kubelet]:
             yield node
         finally:
             node.stop()
+
+
+# -- the operator ------------------------------------------------------------------------
+
+OPERATOR_NAMESPACE = "worldmesh-tests"
+RELEASE = "wm"  #: the chart's objects are named "wm-worldmesh"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the operator runs as in the tests: the chart's own ServiceAccount."""
+
+    user: str  #: system:serviceaccount:NS:NAME, as the audit log names it
+    kubeconfig: Path
+    token: str
+
+
+@pytest.fixture(scope="session")
+def chart_identity(control_plane: ControlPlane, helm: Kubectl, kubectl: Kubectl) -> Identity:
+    """``helm install`` of the chart with no operator replica: its CRDs, ServiceAccount
+    and RBAC, so that an operator run by a test has exactly the chart's rights."""
+    out = helm(
+        "install", RELEASE, str(ROOT / "helm" / "worldmesh"), "-n", OPERATOR_NAMESPACE,
+        "--create-namespace", "--set", "operator.replicas=0",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    account = f"{RELEASE}-worldmesh"
+    token = kubectl("create", "token", account, "-n", OPERATOR_NAMESPACE, "--duration=24h")
+    assert token.returncode == 0, token.stderr
+    path = control_plane.write_kubeconfig("operator", token.stdout.strip())
+    return Identity(
+        f"system:serviceaccount:{OPERATOR_NAMESPACE}:{account}", path, token.stdout.strip()
+    )
+
+
+def denied_requests(control_plane: ControlPlane, user: str, since: int) -> list[str]:
+    """Every request of ``user`` that the API server answered 403, from audit line
+    ``since`` on."""
+    denied = []
+    for i, event in enumerate(control_plane.audit_events()):
+        if i < since or event.get("user", {}).get("username") != user:  # type: ignore[union-attr]
+            continue
+        if (event.get("responseStatus") or {}).get("code") == 403:  # type: ignore[union-attr]
+            denied.append(f"{event['verb']} {event['requestURI']}")
+    return sorted(set(denied))
+
+
+@kopf.on.login()
+def _login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """kopf in the tests logs in as the memo says (the chart's ServiceAccount)."""
+    return memo.kube_login  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def running_operator(
+    control_plane: ControlPlane,
+    identity: Identity,
+    *,
+    peering: str | None = None,
+    priority: int = 0,
+    settings: kopf.OperatorSettings | None = None,
+) -> AsyncIterator[kopf.Memo]:
+    """The operator (kopf and our handlers) in a thread of its own, as the chart's
+    ServiceAccount, standalone or in ``peering``; its memo. Any 403 it met fails the test.
+    """
+    memo = kopf.Memo(
+        kubeconfig=str(identity.kubeconfig),
+        kube_login=kopf.ConnectionInfo(
+            server=control_plane.url,
+            ca_path=str(control_plane.ca_file),
+            token=identity.token,
+        ),
+    )
+    ready, stop = threading.Event(), threading.Event()
+    since = sum(1 for _ in control_plane.audit_events())
+    if settings is None:
+        settings = kopf.OperatorSettings()
+    # Peers re-announce every 5-10 s instead of kopf's 50-55 s, so a peering event the
+    # watch missed is made good well within the tests' 30 s waits.
+    settings.peering.lifetime = 15
+
+    def run() -> None:
+        asyncio.run(
+            kopf.operator(
+                standalone=peering is None,
+                peering_name=peering,
+                priority=priority,
+                clusterwide=True,
+                settings=settings,
+                memo=memo,
+                ready_flag=ready,
+                stop_flag=stop,
+            )
+        )
+
+    thread = threading.Thread(target=run, name=f"kopf-{priority}")
+    thread.start()
+    try:
+        assert await asyncio.to_thread(ready.wait, 20), "kopf did not start"
+        yield memo
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 30)
+        assert not thread.is_alive(), "kopf did not stop"
+    await asyncio.sleep(0.3)  # the audit log's batch (100 ms) reaches the file
+    denied = denied_requests(control_plane, identity.user, since)
+    assert not denied, "the operator made requests its RBAC does not allow:\n" + "\n".join(denied)
+
+
+@pytest.fixture
+async def namespace(admin: KubeClient, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A namespace of this test's own, deleted after it (its pods with it)."""
+    name = "t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    name += "-" + secrets.token_hex(2)
+    await admin.create(
+        "namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    )
+
+    async def has_account() -> bool:  # pods are refused until the controller made it
+        try:
+            await admin.get("v1", "serviceaccounts", name, "default")
+        except NotFound:
+            return False
+        return True
+
+    await wait_until(has_account, 30, f"the default ServiceAccount of {name}", interval=0.1)
+    yield name
+    # As a user would: delete the ModelDeployments while the test's operator still runs
+    # (a test asks for ``namespace`` after ``operator``), wait until it has drained and
+    # released them, then delete the namespace (the kubelet stops whatever is left).
+    for md in await admin.list(MD, "modeldeployments", name):
+        await admin.delete(MD, "modeldeployments", name, md["metadata"]["name"])
+
+    async def released() -> bool:
+        return not await admin.list(MD, "modeldeployments", name)
+
+    try:
+        await wait_until(released, 90, f"the ModelDeployments of {name} deleted", interval=0.5)
+    except TimeoutError:  # no operator left to finalise them: release them, so they go
+        for md in await admin.list(MD, "modeldeployments", name):
+            patch = {"metadata": {"finalizers": None}}
+            with contextlib.suppress(NotFound):
+                await admin.patch(MD, "modeldeployments", name, md["metadata"]["name"], patch)
+    await admin.delete("v1", "namespaces", None, name)
+
+
+@pytest.fixture
+async def operator(
+    control_plane: ControlPlane, chart_identity: Identity, kubelet: Kubelet
+) -> AsyncIterator[kopf.Memo]:
+    """One standalone operator as the chart's ServiceAccount, with the kubelet running."""
+    async with running_operator(control_plane, chart_identity) as memo:
+        yield memo

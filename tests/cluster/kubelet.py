@@ -5,7 +5,7 @@ authorizer lets it read only what its own pods use):
 
 - registers its Node (Ready, with cpu/memory/pods capacity) and renews its Lease in
   ``kube-node-lease``, so the scheduler binds pods to it and the node controller keeps it;
-- runs every pod bound to it: its own loopback address ``127.0.0.N`` is the pod IP; its
+- runs every pod bound to it: its own loopback address ``127.N.x.y`` is the pod IP; its
   volumes are written under the pod's folder (Secrets, ConfigMaps, downward API, emptyDir,
   and the projected service-account token, requested through the TokenRequest API and
   bound to the pod) and bind-mounted at their ``mountPath`` in a mount namespace of the
@@ -37,6 +37,7 @@ import datetime
 import itertools
 import logging
 import os
+import random
 import re
 import shlex
 import signal
@@ -63,11 +64,11 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def pod_addresses() -> Iterator[str]:
-    """127.0.0.2, 127.0.0.3, ... 127.0.0.254, 127.0.1.1, ... (all of 127/8 is loopback)."""
+def pod_addresses(network: int) -> Iterator[str]:
+    """127.N.0.1, 127.N.0.2, ... 127.N.0.254, 127.N.1.1, ... (all of 127/8 is loopback;
+    a kubelet of its own ``network`` N keeps two test sessions on one machine apart)."""
     for b, c in itertools.product(range(0, 256), range(1, 255)):
-        if (b, c) != (0, 1):
-            yield f"127.0.{b}.{c}"
+        yield f"127.{network}.{b}.{c}"
 
 
 @dataclass
@@ -176,7 +177,7 @@ class Kubelet:
     errors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._addresses = pod_addresses()
+        self._addresses = pod_addresses(random.randint(1, 254))
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()

@@ -49,7 +49,7 @@ from ..reconciler import (
 )
 from ..spec import DeploymentSpec
 from .base import merge_worlds
-from .kube_api import KubeApi
+from .kube_client import KubeClient
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class _Peer:
 class KubernetesRuntime:
     def __init__(
         self,
-        api: KubeApi,
+        api: KubeClient,
         spec: Callable[[], DeploymentSpec],
         owner: dict[str, Any],
         image: str,
@@ -109,7 +109,7 @@ class KubernetesRuntime:
         )
 
     async def delete_objects(self) -> None:
-        """Delete the Services and the Secret (a cluster's GC would too; an emulator won't)."""
+        """Delete the Services and the Secret now (the garbage collector would, later)."""
         spec = self.spec()
         for plural, name in (
             ("services", builders.front_service_name(spec)),
