@@ -12,8 +12,8 @@ deployment's Secret) for its status, bounded by ``answer_timeout_s``. A pod is:
 
 Applying: StartWorker creates a pod (``builders.build_worker_pod``, owned by the
 ModelDeployment); DrainWorker asks the control API (a pod that never answered is deleted at
-once, it served nothing); StopWorker deletes the pod (grace period 0 for a DEAD one, else
-the pod's, during which SIGTERM drains it); OpenWorld/CloseWorld go to both ends' control
+once, it served nothing); StopWorker deletes the pod (grace period 0 for a DEAD one: a frozen
+worker never handles SIGTERM; else the pod's, during which SIGTERM drains it); OpenWorld/CloseWorld go to both ends' control
 APIs, as ``worldmesh_worker.local.connect`` does for processes. ``ensure_objects`` creates
 the token Secret and both Services if absent and reads the token back, so a restarted
 operator adopts what exists rather than rotating the token under running workers.
@@ -86,6 +86,7 @@ class KubernetesRuntime:
         #: The front workers' early-exit state (``earlyExits`` of their control status).
         self.early_exits: dict[str, dict[str, Any]] = {}
         self._answered: set[str] = set()
+        self._dead: set[str] = set()  #: workers the last observe() found dead
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -132,12 +133,14 @@ class KubernetesRuntime:
         statuses = await asyncio.gather(*(self._status(p) for p in pods))
         workers: list[ObservedWorker] = []
         self.failures = []
+        dead: set[str] = set()
         for pod, status in zip(pods, statuses, strict=True):
             meta = pod["metadata"]
             annotations = meta.get("annotations") or {}
             state = self._state(pod, status)
             if state is WorkerState.DEAD:
                 self.failures.append(_failure(pod))
+                dead.add(meta["name"])
             workers.append(
                 ObservedWorker(
                     meta["name"],
@@ -149,6 +152,7 @@ class KubernetesRuntime:
                 )
             )
         self._answered &= set(self.pods)
+        self._dead = dead
         self.early_exits = {
             pod["metadata"]["name"]: status["earlyExits"]
             for pod, status in zip(pods, statuses, strict=True)
@@ -211,9 +215,13 @@ class KubernetesRuntime:
             else:
                 await self._control(self.pods[action.worker_id]).drain(wait=0)
         elif isinstance(action, StopWorker):
+            # A dead or frozen worker never handles SIGTERM: a grace period would only keep
+            # its pod (its name, address and the stage's slot) for nothing.
             answered = action.worker_id in self._answered
             stopped = self.pods.get(action.worker_id)
-            dead = stopped is None or _gone(stopped) or not answered
+            dead = (
+                stopped is None or _gone(stopped) or not answered or action.worker_id in self._dead
+            )
             await self._delete(action.worker_id, 0 if dead else None)
         elif isinstance(action, OpenWorld):
             await connect(
