@@ -247,6 +247,17 @@ async def running_operator(
     assert not denied, "the operator made requests its RBAC does not allow:\n" + "\n".join(denied)
 
 
+async def delete_deployments(admin: KubeClient, namespace: str, timeout_s: float = 60) -> None:
+    """``kubectl delete md --all``, then wait until the operator has released them all."""
+    for md in await admin.list(MD, "modeldeployments", namespace):
+        await admin.delete(MD, "modeldeployments", namespace, md["metadata"]["name"])
+
+    async def released() -> bool:
+        return not await admin.list(MD, "modeldeployments", namespace)
+
+    await wait_until(released, timeout_s, f"the deployments of {namespace} deleted", 0.2)
+
+
 @pytest.fixture
 async def namespace(admin: KubeClient, request: pytest.FixtureRequest) -> AsyncIterator[str]:
     """A namespace of this test's own, deleted after it (its pods with it)."""
@@ -266,16 +277,10 @@ async def namespace(admin: KubeClient, request: pytest.FixtureRequest) -> AsyncI
     await wait_until(has_account, 30, f"the default ServiceAccount of {name}", interval=0.1)
     yield name
     # As a user would: delete the ModelDeployments while the test's operator still runs
-    # (a test asks for ``namespace`` after ``operator``), wait until it has drained and
-    # released them, then delete the namespace (the kubelet stops whatever is left).
-    for md in await admin.list(MD, "modeldeployments", name):
-        await admin.delete(MD, "modeldeployments", name, md["metadata"]["name"])
-
-    async def released() -> bool:
-        return not await admin.list(MD, "modeldeployments", name)
-
+    # (a test asks for ``namespace`` after ``operator``, or deletes them itself), wait
+    # until it has drained and released them, then delete the namespace.
     try:
-        await wait_until(released, 90, f"the ModelDeployments of {name} deleted", interval=0.5)
+        await delete_deployments(admin, name, timeout_s=30)
     except TimeoutError:  # no operator left to finalise them: release them, so they go
         for md in await admin.list(MD, "modeldeployments", name):
             patch = {"metadata": {"finalizers": None}}

@@ -29,7 +29,7 @@ from worldmesh_operator.runtime.kube_client import KubeClient
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
 from worldmesh_worker.local import wait_until
 
-from .conftest import MD, Identity, Kubectl, running_operator
+from .conftest import MD, Identity, Kubectl, delete_deployments, running_operator
 from .controlplane import ControlPlane
 from .kubelet import Kubelet
 from .test_operator import pods_of, status_of
@@ -199,14 +199,13 @@ async def test_a_restarted_operator_adopts_pods_and_worlds(
                 interval=0.1,
             )
             await load.answered(20, timeout=TIMEOUT)
-        # Then the namespace's teardown needs an operator to release the deployment.
-        async with running_operator(control_plane, chart_identity):
-            pass
-    assert load.result.lost == 0, load.result.messages[:5]
-    assert created() == 4
-    assert pids(kubelet, ns) == running
-    assert worlds_opened(kubelet, ns) == opened  # no world redone
-    assert (await status_of(api, "adopt", ns))["worlds"] == {"ready": 4, "broken": 0}
+            assert load.result.lost == 0, load.result.messages[:5]
+            assert created() == 4
+            assert pids(kubelet, ns) == running
+            assert worlds_opened(kubelet, ns) == opened  # no world redone
+            status = await status_of(api, "adopt", ns)
+            assert status["worlds"] == {"ready": 4, "broken": 0}
+            await delete_deployments(api, ns)
 
 
 async def test_two_operators_in_a_peering_one_acts(
@@ -255,12 +254,7 @@ async def test_two_operators_in_a_peering_one_acts(
 
         await wait_until(four, TIMEOUT, "the standby scaling the stage", interval=0.1)
         assert (ns, "peer") in standby.deployments
-        await api.delete(MD, "modeldeployments", ns, "peer")
-
-        async def released() -> bool:
-            return not await api.list(MD, "modeldeployments", ns)
-
-        await wait_until(released, TIMEOUT, "the deployment deleted", interval=0.2)
+        await delete_deployments(api, ns)
     await api.delete("v1", "namespaces", None, ns)
 
 

@@ -18,8 +18,10 @@ Covers:
 - all errors of a manifest are reported together; a rule is skipped only where its own
   subtree has schema errors;
 - the CRD is sound as far as can be checked offline: names, one storage version, a
-  structural schema (types everywhere, list-map keys required, no additionalProperties
-  beside properties), defaults valid against their own schema, every CEL rule compiles
+  structural schema (types everywhere but int-or-string, nothing typed or defaulted in
+  anyOf branches beyond int-or-string's bare pair, list-map keys required, no
+  additionalProperties beside properties), defaults valid against their own schema and
+  CEL rules as written (the API server does not default inside a default), every CEL rule compiles
   and evaluates on a manifest that sets every field, every ``fieldPath``, printer
   column and scale path exists; any shipped copy of the CRD is byte-equal;
 - ``validate.main``: exit 0/1/2, errors on stderr with the file and field path.
@@ -35,6 +37,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from celpy import celtypes
 
 from worldmesh_operator import validate
 from worldmesh_operator.spec import DeploymentSpec, SpecError, parse_spec
@@ -410,12 +413,41 @@ def test_crd_names_and_versions() -> None:
     ]
 
 
+#: The only typed branches a structural schema allows: those of x-kubernetes-int-or-string.
+INT_OR_STRING = [{"type": "integer"}, {"type": "string"}]
+#: What an anyOf/allOf/oneOf/not branch of a structural schema must not set.
+NOT_IN_BRANCHES = {"type", "default", "nullable", "additionalProperties"}
+
+
+def branch_problems(branch: dict[str, Any], path: str) -> list[str]:
+    """Why a logical-junctor branch (and everything under it) is not structural."""
+    found = [f"{path}.{key}" for key in branch if key in NOT_IN_BRANCHES]
+    found += [f"{path}.{key}" for key in branch if key.startswith("x-kubernetes-")]
+    for key, sub in branch.get("properties", {}).items():
+        found += branch_problems(sub, f"{path}.properties[{key}]")
+    if isinstance(branch.get("items"), dict):
+        found += branch_problems(branch["items"], f"{path}.items")
+    for word in ("anyOf", "allOf", "oneOf"):
+        for i, sub in enumerate(branch.get(word, [])):
+            found += branch_problems(sub, f"{path}.{word}[{i}]")
+    if isinstance(branch.get("not"), dict):
+        found += branch_problems(branch["not"], f"{path}.not")
+    return found
+
+
 def test_crd_schema_is_structural() -> None:
-    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    """The rules of a structural schema as the API server applies them (the cluster test
+    checks the real server agrees): a type on every node but int-or-string ones, no types,
+    defaults or extensions inside anyOf/allOf/oneOf/not (int-or-string's bare
+    ``anyOf: [{type: integer}, {type: string}]`` excepted, where bounds and patterns sit on
+    the property itself), and every default valid (schema and CEL rules) as written: the
+    server checks a default without defaulting the fields inside it."""
+    compiled = CrdSchema(crd())
+    schema = compiled.openapi
     for path, node in schema_nodes(schema):
         if node.get("x-kubernetes-int-or-string"):
             assert "type" not in node, path
-            assert [b["type"] for b in node["anyOf"]] == ["integer", "string"], path
+            assert node.get("anyOf", INT_OR_STRING) == INT_OR_STRING, path
         else:
             assert node.get("type") in {
                 "object",
@@ -425,6 +457,13 @@ def test_crd_schema_is_structural() -> None:
                 "number",
                 "boolean",
             }, path
+        for word in ("anyOf", "allOf", "oneOf"):
+            if node.get(word) == INT_OR_STRING and node.get("x-kubernetes-int-or-string"):
+                continue
+            for i, branch in enumerate(node.get(word, [])):
+                assert branch_problems(branch, f"{path}.{word}[{i}]") == []
+        if isinstance(node.get("not"), dict):
+            assert branch_problems(node["not"], f"{path}.not") == []
         assert not ("properties" in node and "additionalProperties" in node), path
         if node.get("x-kubernetes-list-type") == "map":
             items = node["items"]
@@ -436,6 +475,12 @@ def test_crd_schema_is_structural() -> None:
             assert node["items"]["type"] in {"string", "integer", "number", "boolean"}, path
         if "default" in node:
             jsonschema.validate(node["default"], validate.to_json_schema(node))
+            for value, sub, where in validate.walk(node["default"], node):
+                for rule in sub.get("x-kubernetes-validations", []):
+                    program = compiled.programs[rule["rule"]]
+                    result = program.evaluate({"self": to_cel(value, sub)})
+                    assert isinstance(result, celtypes.BoolType), (path, where, rule, result)
+                    assert result, (path, where, rule["rule"])
     assert set(schema["properties"]["metadata"]) == {"type"}
 
 

@@ -1,4 +1,4 @@
-"""The operator's autoscaler: kopf against the emulator, real workers from the test kubelet,
+"""The operator's autoscaler on the real API server, real workers from the test kubelet,
 signals scraped from the worker pods' own ``/metrics`` (no Prometheus configured).
 
 A 2-stage ``toy-slow`` deployment whose back stage has three blocks (the bottleneck) and
@@ -23,24 +23,25 @@ import kopf
 import pytest
 
 from worldmesh_operator import builders
-from worldmesh_operator.runtime.kube_api import KubeApi
+from worldmesh_operator.runtime.kube_client import KubeClient
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
 from worldmesh_worker.local import wait_until
 
-from .conftest import Emulator, running_operator
+from .conftest import MD, Identity, delete_deployments, running_operator
+from .controlplane import ControlPlane
 from .kubelet import Kubelet
-from .test_operator import MD, pods_of, status_of
-from .test_operator_workers import free_port
+from .test_operator import pods_of, status_of
+from .test_operator_workers import free_port, serving
 
 WINDOW_S = 20  # scale-down stabilization: long enough to restart the operator inside it
 TIMEOUT = 60.0
 
 
-def manifest(name: str) -> dict[str, object]:
+def manifest(name: str, namespace: str) -> dict[str, object]:
     return {
         "apiVersion": MD,
         "kind": "ModelDeployment",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "model": {"name": "toy-slow", "splitPoints": [1]},
             "port": free_port(),
@@ -76,45 +77,44 @@ def epoch(text: str) -> float:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def reasons(emulator: Emulator) -> list[dict[str, object]]:
-    return [r.data for r in emulator["post"] if r.url.path.endswith("/events")]
+async def reasons(api: KubeClient, namespace: str) -> list[dict[str, object]]:
+    return list(await api.list("v1", "events", namespace))
 
 
 async def test_operator_scales_from_metrics_and_resumes_after_a_restart(
-    emulator: Emulator, api: KubeApi, kubelet: Kubelet, monkeypatch: pytest.MonkeyPatch
+    control_plane: ControlPlane,
+    chart_identity: Identity,
+    admin: KubeClient,
+    kubelet: Kubelet,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("WORLDMESH_TOY_BLOCK_DELAY_S", "0.01")
+    api, ns = admin, namespace
+    identity = (control_plane, chart_identity)
     metrics_port = free_port()
     monkeypatch.setenv("WORLDMESH_METRICS_PORT", str(metrics_port))
-    await api.create("modeldeployments", manifest("auto"))
+    await api.create("modeldeployments", manifest("auto", ns))
 
     async def back_status() -> dict[str, object] | None:
-        scaler = (await status_of(api, "auto")).get("autoscaler") or {}
+        scaler = (await status_of(api, "auto", ns)).get("autoscaler") or {}
         return next((s for s in scaler.get("stages", []) if s["stage"] == 1), None)
 
-    async with running_operator(emulator) as memo:
+    async with running_operator(*identity) as memo:
         assert isinstance(memo, kopf.Memo)
 
         async def front() -> str | None:
-            status = await status_of(api, "auto")
-            if status.get("phase") != "Ready":
-                return None
-            for pod in await pods_of(api, "auto"):
-                name = pod["metadata"]["name"]
-                if pod["metadata"]["labels"][builders.LABEL_STAGE] == "0" and name in kubelet.pods:
-                    return kubelet.pods[name].http_url
-            return None
+            return await serving(api, "auto", ns, 2)
 
         url = await wait_until(front, TIMEOUT, "the deployment serving", interval=0.2)
         async with ClosedLoop(f"{url}/v2/models/auto/infer", toy_request, 6) as load:
 
             async def grown() -> bool:
-                return len(back_pods(await pods_of(api, "auto"))) == 2
+                return len(back_pods(await pods_of(api, "auto", ns))) == 2
 
             await wait_until(grown, TIMEOUT, "the back stage scaled up", interval=0.2)
             await load.answered(10)
         assert load.result.lost == 0, load.result.messages[:5]
-        up = [e for e in reasons(emulator) if e.get("reason") == "ScaledUp"]
+        up = [e for e in await reasons(api, ns) if e.get("reason") == "ScaledUp"]
         assert up and "stage back: load" in str(up[0].get("message")), up
 
         async def recorded() -> dict[str, object] | None:
@@ -123,7 +123,7 @@ async def test_operator_scales_from_metrics_and_resumes_after_a_restart(
 
         back = await wait_until(recorded, TIMEOUT, "status.autoscaler", interval=0.2)
         assert back["lastScaleTime"] and back["recommendations"]
-        conditions = {c["type"]: c for c in (await status_of(api, "auto"))["conditions"]}
+        conditions = {c["type"]: c for c in (await status_of(api, "auto", ns))["conditions"]}
         assert conditions["ScalingActive"]["status"] == "True", conditions
 
         async with (
@@ -149,13 +149,14 @@ async def test_operator_scales_from_metrics_and_resumes_after_a_restart(
     # recommendation of 2 it recorded; a fresh autoscaler would shrink at once.
     last_high = max(epoch(r["to"]) for r in back["recommendations"] if r["workers"] == 2)
     assert datetime.datetime.now(datetime.UTC).timestamp() < last_high + WINDOW_S
-    async with running_operator(emulator):
+    async with running_operator(*identity):
 
         async def shrunk() -> float | None:
-            pods = back_pods(await pods_of(api, "auto"))
+            pods = back_pods(await pods_of(api, "auto", ns))
             return datetime.datetime.now(datetime.UTC).timestamp() if len(pods) == 1 else None
 
         shrunk_at = await wait_until(shrunk, TIMEOUT, "the back stage scaled down", interval=0.1)
         assert shrunk_at >= last_high + WINDOW_S - 1  # not before the window (1 s: rounding)
-        down = [e for e in reasons(emulator) if e.get("reason") == "ScaledDown"]
+        down = [e for e in await reasons(api, ns) if e.get("reason") == "ScaledDown"]
         assert down and "under target" in str(down[0].get("message")), down
+        await delete_deployments(api, ns)
