@@ -2,7 +2,8 @@
 
 - startup: our finalizer, progress and diff-base annotations under ``worldmesh.io``; the
   API client and the worker image go in ``memo`` unless a test put its own there. Peering
-  comes from the command line (the chart passes ``--peering`` and ``--priority``).
+  comes from the command line (the chart passes ``--peering`` and ``--priority``); replicas
+  of one priority are told apart by their pod's name, so exactly one of them acts.
 - create/update/resume: parse the spec (a ``SpecError`` sets Degraded/InvalidSpec and is
   a ``kopf.PermanentError``: this deployment waits for a new spec, others go on), make
   sure the Secret and Services exist, and run one reconcile step.
@@ -21,6 +22,7 @@ import asyncio
 import datetime
 import os
 import secrets
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,7 @@ from .spec import DeploymentSpec, SpecError, parse_spec
 
 RECONCILE_INTERVAL_S = 2.0
 DEFAULT_IMAGE = "worldmesh/worldmesh-worker:0.1.0"
+PRIORITY_SPREAD = 100_000  #: tie-breakers between replicas of one priority
 
 
 @dataclass
@@ -58,6 +61,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="worldmesh.io", key="last-handled-configuration"
     )
+    # The replicas of one Deployment share ``--priority``, and kopf pauses every operator
+    # that a live peer's priority ties: none would act. The pod's name breaks the tie and
+    # keeps the order of different ``--priority`` values (the highest still wins).
+    pod = os.environ.get("WORLDMESH_OPERATOR_POD")
+    if pod and not settings.peering.standalone:
+        tie_breaker = zlib.crc32(pod.encode()) % PRIORITY_SPREAD
+        settings.peering.priority = settings.peering.priority * PRIORITY_SPREAD + tie_breaker
     if "api" not in memo:  # in-cluster, else the kubeconfig (``memo.kubeconfig`` or kubectl's)
         memo.api = await KubeClient.connect(memo.get("kubeconfig"))
     memo.setdefault("image", os.environ.get("WORLDMESH_WORKER_IMAGE", DEFAULT_IMAGE))

@@ -367,6 +367,9 @@ class Kubelet:
         argv = [_expand(a, env) for a in (container.get("command") or self.images[image])]
         argv += [_expand(a, env) for a in container.get("args", [])]
         script = ["set -e"]
+        # A mount over a folder above the kubelet's own (an emptyDir at /tmp) hides every
+        # later source: those go last.
+        mounts.sort(key=lambda m: self.workdir.is_relative_to(m[1]))
         for source, target, read_only in mounts:
             script.append(f"mkdir -p {shlex.quote(target)}")
             script.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}")
