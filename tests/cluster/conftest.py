@@ -296,3 +296,21 @@ async def operator(
     """One standalone operator as the chart's ServiceAccount, with the kubelet running."""
     async with running_operator(control_plane, chart_identity) as memo:
         yield memo
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How many tests ran on the real control plane (CI prints it)."""
+    here = Path(__file__).parent
+    counts: dict[str, int] = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            path = Path(str(getattr(report, "fspath", "") or report.nodeid.split("::")[0]))
+            # One report per test: its call, or the setup that failed or skipped it.
+            counted = report.when == "call" or (report.when == "setup" and outcome != "passed")
+            if counted and (ROOT / path).resolve().is_relative_to(here):
+                counts[outcome] = counts.get(outcome, 0) + 1
+    if counts:
+        folder, why = assets()
+        where = f"KUBEBUILDER_ASSETS={folder}" if folder else f"no control plane: {why}"
+        summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
+        terminalreporter.write_line(f"real Kubernetes API server tests: {summary} ({where})")
