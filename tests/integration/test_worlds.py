@@ -4,13 +4,19 @@ Covers:
 - 200 worlds opened, used and closed in a loop (closed from either end) leave the file
   descriptor and thread counts of both processes flat;
 - a malformed or oversized message from a peer breaks that world only, with a clear reason
-  and log line: the worker lives on and its other worlds keep serving.
+  and log line: the worker lives on and its other worlds keep serving;
+- an end whose event loop is busy with its own work (pure Python, holding the GIL as
+  much as it can) for three heartbeat timeouts is not judged frozen by its peer, nor does
+  it judge its peer frozen when the loop frees up: the heartbeats run on a thread of
+  their own; a SIGSTOPped worker is judged frozen within the timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -120,3 +126,30 @@ async def test_malformed_message_breaks_only_that_world(bad):
             await load.answered(10)
         assert load.result.lost == 0, load.result.messages[:5]
         await peer.manager.close_all()
+
+
+async def test_a_busy_end_is_not_judged_frozen_but_a_stopped_one_is():
+    async with LocalPipeline("toy", [2], [1, 1]) as pipeline:
+        worker = pipeline.stage(1)[0]
+        peer = Peer()
+        name = await peer.open(worker)
+        timeout = WorldOptions().heartbeat_timeout_s
+        busy_until = time.monotonic() + 3 * timeout
+        while time.monotonic() < busy_until:  # this loop's own work: nothing else runs on it
+            sum(i * i for i in range(10_000))
+        await asyncio.sleep(0.3)  # whatever the heartbeat thread reported reaches the loop
+        assert peer.down == [], peer.down
+        assert await _state(worker, name, "ready"), await worker.control.worlds()
+        world = peer.manager.worlds[name]
+        world.send(Message(MessageKind.BATCH, (1,), (torch.ones(1, 32),)))
+        answer = await asyncio.wait_for(peer.inbox.get(), 10)
+        assert answer.kind is MessageKind.RESULT
+
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            stopped_at = time.monotonic()
+            await wait_until(lambda: peer.down == [name], 5, "the stopped worker's world broken")
+            assert time.monotonic() - stopped_at < timeout + 0.5
+            assert "no heartbeat" in peer.manager.failures[name]
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)

@@ -10,6 +10,9 @@ Opening a world takes one call on each end (the control plane makes them):
    before any ``TCPStore`` client call (those hang past 60 s against a frozen host,
    whatever their timeout), then builds its side of the group.
 
+The heartbeat channel is a plain socket, connected on a thread of its own and then
+handed to the worker's heartbeat thread (``heartbeat.py``), never to the event loop.
+
 Every step has a deadline (``open_timeout_s``). Group construction runs on a thread
 of its own, never on the event loop or a shared pool, so a peer that freezes in
 the middle of an open stalls only that open. On Gloo every world of the process
@@ -20,15 +23,18 @@ forward at 0.5-0.66x the rate of one shared group; shared, they reach parity.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import re
+import socket
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .heartbeat import Heartbeats
 from .threads import in_own_thread
 from .world import DownHandler, Handler, World, WorldBroken, WorldOptions, WorldState
 
@@ -101,6 +107,7 @@ class WorldManager:
         self._on_ready = on_ready  # runs before the world's first message is delivered
         self._gloo_device = dist.ProcessGroupGloo.create_device(hostname=host)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.heartbeats = Heartbeats(options.heartbeat_interval_s, options.heartbeat_timeout_s)
 
     # -- open ------------------------------------------------------------------------
 
@@ -148,20 +155,14 @@ class WorldManager:
             ),
             self.options.open_timeout_s,
         )
-        loop = asyncio.get_running_loop()
-        joined: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-            loop.create_future()
+        listener = socket.create_server((self.host, 0))
+        hb_port = listener.getsockname()[1]
+        accepted = asyncio.ensure_future(
+            in_own_thread(
+                lambda: _accept_peer(listener, name, self.options.open_timeout_s),
+                f"heartbeat:{name}",
+            )
         )
-
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if joined.done():
-                writer.close()
-                return
-            writer.write(_HELLO + name.encode() + b"\n")
-            joined.set_result((reader, writer))
-
-        server = await asyncio.start_server(on_connect, self.host, 0)
-        hb_port = server.sockets[0].getsockname()[1]
         info = {
             "name": name,
             "peer": peer,
@@ -179,7 +180,7 @@ class WorldManager:
                     pg = await in_own_thread(
                         lambda: self._make_group(store, 0, backend), f"open:{name}"
                     )
-                    channel = await joined
+                    channel = await accepted
                 self._add(
                     World(
                         name,
@@ -190,17 +191,18 @@ class WorldManager:
                         self.options,
                         self._on_message,
                         self._down,
-                        heartbeat=channel,
+                        heartbeat=(channel, self.heartbeats),
                         device=self._nccl_device(backend),
                         keep_alive=store,
                     )
                 )
             except (TimeoutError, RuntimeError, OSError) as exc:
                 self._fail(name, f"peer {peer} did not join: {_describe(exc)}")
-                if joined.done() and not joined.cancelled():
-                    joined.result()[1].close()
+                listener.close()  # ends a wait in accept()
+                with contextlib.suppress(BaseException):
+                    (await accepted).close()
             finally:
-                server.close()
+                listener.close()
                 self.opening.pop(name, None)
 
         self._spawn(finish())
@@ -216,15 +218,13 @@ class WorldManager:
             "backend": backend,
             "state": WorldState.OPENING.value,
         }
-        writer: asyncio.StreamWriter | None = None
+        sock: socket.socket | None = None
         try:
             async with asyncio.timeout(self.options.open_timeout_s):
-                reader, writer = await asyncio.open_connection(*heartbeat)
-                hello = await reader.readuntil(b"\n")
-                if hello != _HELLO + name.encode() + b"\n":
-                    raise OSError(
-                        f"heartbeat address {heartbeat[0]}:{heartbeat[1]} is not world {name}"
-                    )
+                sock = await in_own_thread(
+                    lambda: _connect_peer(heartbeat, name, self.options.open_timeout_s),
+                    f"heartbeat:{name}",
+                )
 
                 def connect() -> Any:
                     timeout = datetime.timedelta(seconds=self.options.open_timeout_s)
@@ -241,15 +241,15 @@ class WorldManager:
                 self.options,
                 self._on_message,
                 self._down,
-                heartbeat=(reader, writer),
+                heartbeat=(sock, self.heartbeats),
                 device=self._nccl_device(backend),
                 keep_alive=client,
             )
             self._add(world)
             return world.info()
-        except (TimeoutError, RuntimeError, OSError, asyncio.IncompleteReadError) as exc:
-            if writer is not None:
-                writer.close()
+        except (TimeoutError, RuntimeError, OSError) as exc:
+            if sock is not None:
+                sock.close()
             reason = f"could not join {peer}: {_describe(exc)}"
             self._fail(name, reason)
             raise WorldBroken(name, reason) from None
@@ -290,6 +290,7 @@ class WorldManager:
         await asyncio.gather(*(self.close(name) for name in list(self.worlds)))
         for task in list(self._tasks):
             task.cancel()
+        self.heartbeats.close()
 
     def ready(self) -> list[World]:
         return [w for w in self.worlds.values() if w.state is WorldState.READY]
@@ -332,6 +333,40 @@ class WorldManager:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _accept_peer(listener: socket.socket, name: str, timeout_s: float) -> socket.socket:
+    """The host's end of the heartbeat channel: the first peer to connect gets the hello
+    naming the world (blocking, bounded: run on a thread of its own)."""
+    listener.settimeout(timeout_s)
+    sock, _ = listener.accept()
+    try:
+        sock.settimeout(timeout_s)
+        sock.sendall(_HELLO + name.encode() + b"\n")
+    except OSError:
+        sock.close()
+        raise
+    listener.close()  # one peer per world
+    return sock
+
+
+def _connect_peer(address: tuple[str, int], name: str, timeout_s: float) -> socket.socket:
+    """The joiner's end: connect and read the host's hello, which must name this world."""
+    sock = socket.create_connection(address, timeout=timeout_s)
+    try:
+        expected = _HELLO + name.encode() + b"\n"
+        hello = b""  # exactly its length: the host's heartbeats may follow at once
+        while len(hello) < len(expected):
+            chunk = sock.recv(len(expected) - len(hello))
+            if not chunk:
+                break
+            hello += chunk
+        if hello != expected:
+            raise OSError(f"heartbeat address {address[0]}:{address[1]} is not world {name}")
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _address(value: str, what: str) -> tuple[str, int]:

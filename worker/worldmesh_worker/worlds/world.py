@@ -10,7 +10,9 @@ Failure detection (why a broken peer is seen within a bound, never a group timeo
   nothing fails by itself, and a Gloo op would wait for the group timeout. Both ends
   write one heartbeat byte every ``heartbeat_interval_s`` on the side channel; an end
   that reads nothing for ``heartbeat_timeout_s`` (0.8 s by default) marks the world
-  broken. The heartbeat is an asyncio task, so it never waits behind a Gloo op.
+  broken. The heartbeats run on the worker's heartbeat thread (``heartbeat.py``), never
+  on the event loop: a worker busy with its own work keeps beating, and a heartbeat
+  never waits behind a Gloo op.
 
 Bounded threads. Each world has a sender and a receiver thread. ``Backend.abort()``
 does not wake a Gloo receive blocked in another thread, so the receiver never blocks
@@ -31,6 +33,7 @@ import datetime
 import enum
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +42,7 @@ from typing import Any
 
 import torch
 
+from .heartbeat import Channel, Heartbeats
 from .threads import in_own_thread
 from .wire import HEADER_LEN, MalformedMessage, Message, MessageKind, decode, encode, parse_header
 
@@ -46,8 +50,6 @@ log = logging.getLogger(__name__)
 
 HEADER_TAG = 0  # headers and payloads travel on tags of their own, so the receiver can
 PAYLOAD_TAG = 1  # post the next header's receive before this payload's: no rendezvous stall
-HEARTBEAT = b"."
-GOODBYE = b"C"
 
 
 class WorldBroken(Exception):
@@ -101,7 +103,7 @@ class World:
         on_message: Handler,
         on_down: DownHandler,
         *,
-        heartbeat: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+        heartbeat: tuple[socket.socket, Heartbeats] | None = None,
         owns_group: bool = True,
         device: torch.device | None = None,
         keep_alive: Any = None,
@@ -125,8 +127,8 @@ class World:
         self._on_down = on_down  # broken or closed: its in-flight work must move
         self._loop = asyncio.get_running_loop()
         self._outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
-        self._heartbeat = heartbeat
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._heartbeats: Heartbeats | None = None
+        self._channel: Channel | None = None
         self._teardown_task: asyncio.Future[None] | None = None
         self._closing_task: asyncio.Future[None] | None = None
         self._receiver = threading.Thread(
@@ -136,7 +138,8 @@ class World:
         self._receiver.start()
         self._sender.start()
         if heartbeat is not None:
-            self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(*heartbeat))
+            sock, self._heartbeats = heartbeat
+            self._channel = self._heartbeats.watch(sock, peer, self._from_heartbeats)
 
     # -- public, on the loop ------------------------------------------------------
 
@@ -153,10 +156,8 @@ class World:
         self.state = WorldState.CLOSED
         self.reason = "closed"
         self._on_down(self)
-        if self._heartbeat is not None:
-            with contextlib.suppress(OSError, RuntimeError):
-                self._heartbeat[1].write(GOODBYE)
-                await asyncio.wait_for(self._heartbeat[1].drain(), 0.2)
+        if self._heartbeats is not None and self._channel is not None:
+            self._heartbeats.stop(self._channel, goodbye=True)
         await self._teardown()
 
     def break_(self, reason: str) -> None:
@@ -187,10 +188,8 @@ class World:
         if self.state is WorldState.CLOSED:
             self._outbox.put(Message(MessageKind.CLOSE, ()))  # ends the peer's receiver
         self._outbox.put(None)
-        if self._heartbeat_task is not None and self._heartbeat_task is not asyncio.current_task():
-            self._heartbeat_task.cancel()
-        if self._heartbeat is not None:
-            self._heartbeat[1].close()
+        if self._heartbeats is not None and self._channel is not None:
+            self._heartbeats.stop(self._channel)
         await in_own_thread(self._join_threads, f"join:{self.name}")  # never the shared pool
         if self._owns_group:
             with contextlib.suppress(RuntimeError):
@@ -295,39 +294,16 @@ class World:
 
     # -- heartbeat -----------------------------------------------------------------
 
-    async def _heartbeat_loop(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        beat = asyncio.create_task(self._beat(writer))
-        try:
-            while self.state is WorldState.READY:
-                try:
-                    data = await asyncio.wait_for(
-                        reader.read(64), self._options.heartbeat_timeout_s
-                    )
-                except TimeoutError:
-                    self.break_(
-                        f"no heartbeat from {self.peer} for {self._options.heartbeat_timeout_s:g} s "
-                        "(peer frozen or unreachable)"
-                    )
-                    return
-                except OSError as exc:
-                    self.break_(f"heartbeat channel failed: {exc}")
-                    return
-                if not data:
-                    self.break_(f"{self.peer} closed the heartbeat channel (process gone)")
-                    return
-                if GOODBYE in data:
-                    await self.close()
-                    return
-        finally:
-            beat.cancel()
+    def _from_heartbeats(self, reason: str, goodbye: bool) -> None:
+        """The heartbeat thread's one report on this world, moved onto its loop."""
+        self._loop.call_soon_threadsafe(self._heartbeat_ended, reason, goodbye)
 
-    async def _beat(self, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, RuntimeError):
-            while True:
-                writer.write(HEARTBEAT)
-                await asyncio.sleep(self._options.heartbeat_interval_s)
+    def _heartbeat_ended(self, reason: str, goodbye: bool) -> None:
+        if goodbye:
+            if self._closing_task is None:
+                self._closing_task = asyncio.ensure_future(self.close())
+        else:
+            self.break_(reason)
 
 
 def _first_line(exc: BaseException) -> str:
