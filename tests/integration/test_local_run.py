@@ -3,6 +3,9 @@
 Covers:
 - a worker SIGKILLed under load is replaced (a new worker, the stage back to its count),
   with zero failed requests;
+- a worker SIGSTOPped under load is routed around (no request over 1 s), SIGKILLed (a
+  stopped process never handles SIGTERM) and replaced exactly once: its replacement,
+  which becomes ready while the frozen one's status is still awaited, is not judged dead;
 - editing the manifest under load scales a stage up (the new worker gets traffic) and down
   (the removed worker is drained before it is stopped), with zero failed requests;
 - SIGINT to ``worldmesh run`` drains and stops everything and leaves no worker process.
@@ -92,6 +95,38 @@ async def test_killed_worker_is_replaced_with_zero_failed_requests(tmp_path):
             await load.answered(30)
         assert load.result.lost == 0, load.result.messages[:5]
         assert victim not in ready_ids(deployment, 1)
+
+
+async def test_frozen_worker_is_killed_and_replaced_once(tmp_path):
+    running = Running(tmp_path)
+    async with running as deployment:
+        before = ready_ids(deployment, 1)
+        victim = sorted(before)[0]
+        frozen = deployment.runtime.workers[victim].process
+        async with ClosedLoop(deployment.runtime.endpoint, toy_request, 4) as load:
+            await load.answered(20)
+            started = len([line for line in running.lines if "StartWorker 1 " in line])
+            os.kill(frozen.pid, signal.SIGSTOP)
+            try:
+                await wait_until(
+                    lambda: (
+                        len(ready_ids(deployment, 1) - before) == 1
+                        and len(ready_ids(deployment, 1)) == 2
+                        and deployment.ready()
+                    ),
+                    60,
+                    "a replacement ready and wired",
+                )
+                await wait_until(lambda: frozen.poll() is not None, 10, "the frozen one killed")
+            finally:
+                if frozen.poll() is None:
+                    os.kill(frozen.pid, signal.SIGCONT)
+            await load.answered(30)
+        assert frozen.returncode == -signal.SIGKILL
+        replacements = [line for line in running.lines if "StartWorker 1 " in line][started:]
+        assert len(replacements) == 1, running.lines[-20:]
+        assert load.result.lost == 0, load.result.messages[:5]
+        assert max(load.result.latencies) <= 1.0, sorted(load.result.latencies)[-5:]
 
 
 async def test_manifest_edits_scale_up_and_down_under_load(tmp_path):

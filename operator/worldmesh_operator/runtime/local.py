@@ -5,7 +5,8 @@ line), the deployment's control token (a file readable only by this user), and a
 of its own under the work directory. Observing asks every worker's control API (bounded:
 a worker that does not answer within ``answer_timeout_s``, such as a frozen one, is
 reported DEAD so the reconciler replaces it). Stopping sends SIGTERM (the worker drains,
-then exits) and SIGKILL past ``stop_timeout_s``, or at once for a worker that is DEAD.
+then exits) and SIGKILL past ``stop_timeout_s``, or at once for a worker that is DEAD (a
+frozen process never handles SIGTERM).
 
 With ``targets_path``, the runtime keeps a Prometheus ``file_sd_configs`` file there: one
 target per worker that is ready and not stopping, labelled deployment, stage and worker,
@@ -63,6 +64,7 @@ class _Worker:
     handle: WorkerProcess | None = None  # once its READY line was read
     stopping: bool = False
     last: dict[str, Any] = field(default_factory=dict)  # last control status
+    dead: bool = False  # the last observation found it DEAD
 
 
 class LocalRuntime:
@@ -127,37 +129,48 @@ class LocalRuntime:
 
     async def observe(self) -> Observed:
         workers = list(self.workers.values())
-        statuses = await asyncio.gather(*(self._status(w) for w in workers))
+        seen = await asyncio.gather(*(self._observe(w) for w in workers))
         observed_workers = [
             ObservedWorker(
                 worker.id,
                 worker.stage,
-                self._state(worker, status),
+                state,
                 worker.config_hash,
                 worker.layout,
                 worker.created,
             )
-            for worker, status in zip(workers, statuses, strict=True)
+            for worker, (state, _) in zip(workers, seen, strict=True)
         ]
-        return Observed(tuple(observed_workers), merge_worlds(statuses))
+        return Observed(tuple(observed_workers), merge_worlds([status for _, status in seen]))
 
-    async def _status(self, worker: _Worker) -> dict[str, Any] | None:
-        if worker.handle is None or worker.process.poll() is not None:
+    async def _observe(self, worker: _Worker) -> tuple[WorkerState, dict[str, Any] | None]:
+        # The handle as it is when the status is asked for: one that appears while another
+        # worker's status is awaited (a frozen one takes ``answer_timeout_s``) belongs to
+        # the next observation. Read afterwards, a worker that became ready meanwhile had
+        # no status yet and was judged dead.
+        handle = worker.handle
+        status = await self._status(worker, handle)
+        state = self._state(worker, handle, status)
+        worker.dead = state is WorkerState.DEAD
+        return state, status
+
+    async def _status(self, worker: _Worker, handle: WorkerProcess | None) -> dict[str, Any] | None:
+        if handle is None or worker.process.poll() is not None:
             return None
         try:
-            worker.last = await asyncio.wait_for(
-                worker.handle.control.status(), self.answer_timeout_s
-            )
+            worker.last = await asyncio.wait_for(handle.control.status(), self.answer_timeout_s)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None
         return worker.last
 
-    def _state(self, worker: _Worker, status: dict[str, Any] | None) -> WorkerState:
+    def _state(
+        self, worker: _Worker, handle: WorkerProcess | None, status: dict[str, Any] | None
+    ) -> WorkerState:
         if worker.process.poll() is not None:
             return WorkerState.STOPPING if worker.stopping else WorkerState.DEAD
         if worker.stopping:
             return WorkerState.STOPPING
-        if worker.handle is None:
+        if handle is None:
             return WorkerState.STARTING
         if status is None:
             return WorkerState.DEAD  # it does not answer: frozen or wedged
@@ -267,8 +280,10 @@ class LocalRuntime:
         worker.stopping = True  # an exited one is forgotten after this round of actions
         if worker.process.poll() is not None:
             return
-        if worker.handle is None or not worker.last:
-            _kill(worker.process)  # never served, or does not answer: nothing to drain
+        if worker.handle is None or not worker.last or worker.dead:
+            # Never served, or does not answer (a frozen process never handles SIGTERM,
+            # and would hold its port and name for the whole drain timeout): no drain.
+            _kill(worker.process)
             return
         worker.process.send_signal(signal.SIGTERM)  # drains, then exits
         task = asyncio.create_task(self._reap(worker))
