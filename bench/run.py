@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import autoscale_bench
+import cluster_bench
 import common
 import control_bench
 import exits_bench
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "exits": exits_bench.run,
     "shift": shift_bench.run,
     "autoscale": autoscale_bench.run,
+    "cluster": cluster_bench.run,
 }
 
 

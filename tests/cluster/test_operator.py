@@ -30,7 +30,7 @@ from worldmesh_worker.local import wait_until
 
 from .conftest import MD
 
-TIMEOUT = 30.0
+TIMEOUT = 60.0  # a deployment starting on a loaded 2-core machine
 
 
 def manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:

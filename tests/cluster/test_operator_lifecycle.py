@@ -36,7 +36,7 @@ from .test_operator import pods_of, status_of
 from .test_operator_workers import manifest as workers_manifest
 from .test_operator_workers import pids, serving
 
-TIMEOUT = 30.0
+TIMEOUT = 60.0  # a deployment starting on a loaded 2-core machine
 
 
 def manifest(name: str, namespace: str, middle: int = 1) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from .conftest import MD
 from .kubelet import Kubelet
 from .test_operator import pods_of, status_of
 
-TIMEOUT = 30.0
+TIMEOUT = 60.0  # a deployment starting on a loaded 2-core machine
 
 
 def free_port() -> int:
