@@ -2,9 +2,11 @@
 
 Fashion-MNIST test images (UINT8 ``image``) or Rotten Tomatoes test sentences (BYTES
 ``text``), chosen by ``--dataset``; closed loop with ``--concurrency`` clients, or open loop
-at ``--rate`` requests/s (Poisson arrivals), for ``--duration`` seconds. Prints a progress
-line and a summary: requests, errors by HTTP status, p50/p99 latency, throughput, and
-accuracy against the data set's labels.
+at ``--rate`` requests/s (Poisson arrivals), for ``--duration`` seconds: at the deadline
+the requests still in flight are cut off (counted apart, neither answered nor failed), so
+it stops on time. Prints a progress line and a summary: requests, errors by HTTP status,
+p50/p99 latency, throughput, and accuracy against the data set's labels. Exits 1 when the
+share of failed requests is above ``--max-error-rate`` (default 0), or none was answered.
 """
 
 from __future__ import annotations
@@ -30,11 +32,20 @@ class Summary:
     latencies: list[float] = field(default_factory=list)
     correct: int = 0
     answered: int = 0
+    cut: int = 0  #: in flight at the deadline: cut off, neither answered nor failed
     seconds: float = 0.0
 
     @property
     def requests(self) -> int:
         return sum(self.codes.values())
+
+    @property
+    def failed(self) -> int:
+        return self.requests - self.codes[200]
+
+    @property
+    def error_rate(self) -> float:
+        return self.failed / self.requests if self.requests else 0.0
 
     def lines(self) -> list[str]:
         lat = np.array(self.latencies or [0.0]) * 1e3
@@ -42,7 +53,8 @@ class Summary:
         accuracy = self.correct / self.answered if self.answered else 0.0
         return [
             f"requests {self.requests} in {self.seconds:.1f} s: {self.requests / max(self.seconds, 1e-9):.1f}/s",
-            f"errors by code: {errors or 'none'}",
+            f"errors by code: {errors or 'none'} ({self.error_rate:.2%} failed; "
+            f"{self.cut} in flight at the deadline, cut off)",
             f"latency p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms",
             f"accuracy {self.correct}/{self.answered} = {accuracy:.1%} against the labels",
         ]
@@ -85,7 +97,17 @@ async def drive(
     deadline = time.monotonic() + duration
     start = time.monotonic()
 
+    in_flight = 0
+
     async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal in_flight
+        in_flight += 1
+        try:
+            await ask(session)
+        finally:
+            in_flight -= 1
+
+    async def ask(session: aiohttp.ClientSession) -> None:
         i = next(order) % len(inputs)
         body = {"id": str(i), "inputs": inputs[i], "outputs": [{"name": "label"}]}
         t0 = time.perf_counter()
@@ -105,19 +127,34 @@ async def drive(
         while time.monotonic() < deadline:
             await one(session)
 
+    async def opened(session: aiohttp.ClientSession) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while time.monotonic() < deadline:
+                task = asyncio.create_task(one(session))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                await asyncio.sleep(random.expovariate(rate or 1.0))
+            await asyncio.Event().wait()  # until the deadline cancels it, with what is pending
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
     async def show() -> None:
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-            done = min(1.0, (time.monotonic() - start) / duration)
-            bar = "#" * int(done * 30)
-            print(
-                f"\r[{bar:<30}] {summary.requests} requests, "
-                f"{summary.requests - summary.codes[200]} errors",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-        print(file=sys.stderr)
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                done = min(1.0, (time.monotonic() - start) / duration)
+                bar = "#" * int(done * 30)
+                print(
+                    f"\r[{bar:<30}] {summary.requests} requests, {summary.failed} errors",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            print(file=sys.stderr)
 
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -125,12 +162,12 @@ async def drive(
         if rate is None:
             tasks += [asyncio.create_task(closed(session)) for _ in range(concurrency)]
         else:
-            pending = set()
-            while time.monotonic() < deadline:
-                pending.add(asyncio.create_task(one(session)))
-                await asyncio.sleep(random.expovariate(rate))
-            tasks += list(pending)
-        await asyncio.gather(*tasks)
+            tasks.append(asyncio.create_task(opened(session)))
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        summary.cut = in_flight
+        for task in tasks:  # on time: whatever is still in flight is cut off
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     summary.seconds = time.monotonic() - start
     return summary
 
@@ -143,9 +180,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rate", type=float, help="open loop at this many requests/s")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds")
+    parser.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.0,
+        help="exit 1 when a larger share of the requests failed (default 0: any failure)",
+    )
 
 
 async def main(args: argparse.Namespace) -> int:
     summary = await drive(args.endpoint, args.dataset, args.duration, args.concurrency, args.rate)
     print("\n".join(summary.lines()))
-    return 0 if summary.answered else 1
+    if summary.error_rate > args.max_error_rate:
+        print(
+            f"{summary.failed} of {summary.requests} requests failed ({summary.error_rate:.2%}), "
+            f"above --max-error-rate {args.max_error_rate:g}",
+            file=sys.stderr,
+        )
+        return 1
+    if not summary.answered:
+        print("no request was answered", file=sys.stderr)
+        return 1
+    return 0
