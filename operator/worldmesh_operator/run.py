@@ -31,6 +31,7 @@ import yaml
 from .metrics import ControlMetrics, bound_port
 from .metrics_source import DirectScrape, MetricsSource, PrometheusSource, local_targets
 from .reconciler import Desired, DesiredStage, Observed, WorkerState, plan, summarize
+from .runtime.front import FrontService
 from .runtime.local import LocalRuntime, config_digest
 from .scaling import Autoscaler, stage_loads
 from .spec import DeploymentSpec, SpecError, parse_spec
@@ -73,9 +74,12 @@ class LocalDeployment:
         prometheus: str | None = None,
         targets_path: Path | None = None,
         scrape_interval_s: float = 1.0,
+        port: int | None = None,
     ) -> None:
         """``prometheus``: read the autoscaler's signals there (it should scrape
-        ``targets_path``, every ``scrape_interval_s``) rather than from the workers."""
+        ``targets_path``, every ``scrape_interval_s``) rather than from the workers.
+        ``port``: serve one stable endpoint there (0: any free port) in front of whatever
+        front workers run (``runtime/front.py``); None: the first front worker's own."""
         self.manifest = manifest
         self.spec = read_manifest(manifest)
         self._mtime = manifest.stat().st_mtime
@@ -107,6 +111,7 @@ class LocalDeployment:
         self.board = StatusBoard(out)
         self._suffix = itertools.count(1)
         self._stopped = asyncio.Event()
+        self.front = FrontService(port=port) if port is not None else None
 
     def new_id(self, stage: int) -> str:
         return f"{self.spec.name}-s{stage}-{secrets.token_hex(2)}{next(self._suffix)}"
@@ -152,7 +157,10 @@ class LocalDeployment:
                 low=spec.min_replicas,
                 high=spec.max_replicas,
             )
-        return await self.runtime.apply(actions)
+        errors = await self.runtime.apply(actions)
+        if self.front is not None:  # after apply: a worker told to drain is left out now
+            self.front.set_backends(self.runtime.front_urls())
+        return errors
 
     async def autoscale(self, now: float) -> None:
         """One tick of the built-in autoscaler (stages pinned by ``spec.replicas`` excepted)."""
@@ -173,6 +181,16 @@ class LocalDeployment:
             self.wishes[decision.stage] = decision.workers
 
     async def run(self) -> None:
+        if self.front is not None:
+            self.front.start()  # OSError (the port is taken) before any worker starts
+            self.runtime.service_url = self.front.url
+        try:
+            await self._run()
+        finally:
+            if self.front is not None:
+                self.front.close()
+
+    async def _run(self) -> None:
         async with self.runtime:
             last_scale = 0.0
             while True:
@@ -222,6 +240,12 @@ async def main(argv: list[str]) -> int:
     parser.add_argument(
         "--metrics-port", type=int, help="serve the control loop's metrics on this port"
     )
+    parser.add_argument(
+        "--port",
+        type=int,
+        help="serve the deployment's one endpoint on this port, whatever front workers come "
+        "and go (default: the manifest's spec.port, 8080 unless set; 0: any free port)",
+    )
     args = parser.parse_args(argv)
     if args.prometheus and not args.prometheus.startswith(("http://", "https://")):
         parser.error(f"--prometheus must be an http:// or https:// URL, got {args.prometheus!r}")
@@ -234,7 +258,11 @@ async def main(argv: list[str]) -> int:
             prometheus=args.prometheus,
             targets_path=targets,
             scrape_interval_s=args.scrape_interval,
+            port=0 if args.port is None else args.port,
         )
+        assert deployment.front is not None
+        if args.port is None:  # the port the front Service has on Kubernetes
+            deployment.front.port = deployment.spec.ports.http
     except (OSError, yaml.YAMLError) as exc:
         print(f"worldmesh run: cannot read {args.manifest}: {exc}", file=sys.stderr)
         return 2
@@ -257,6 +285,16 @@ async def main(argv: list[str]) -> int:
         server = await deployment.control_metrics.serve("127.0.0.1", args.metrics_port)
         print(f"worldmesh run: metrics on http://127.0.0.1:{bound_port(server)}/metrics")
     started = time.monotonic()
+    try:
+        deployment.front.start()
+    except OSError as exc:
+        print(f"worldmesh run: {exc} (choose another with --port)", file=sys.stderr)
+        return 2
+    print(
+        f"worldmesh run: endpoint {deployment.front.url}/v2/models/{deployment.spec.name}/infer"
+        " (it stays while front workers come and go)",
+        flush=True,
+    )
     try:
         await deployment.run()
     finally:

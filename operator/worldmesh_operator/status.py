@@ -24,7 +24,8 @@ class StatusBoard:
         self.every_s = every_s if self.tty else 5.0
         self.lines: list[str] = []
         self._last_draw = 0.0
-        self._last: tuple[float, float, dict[float, float]] | None = None  # time, requests, buckets
+        #: the last draw's time, and each front worker's request count and latency buckets
+        self._last: tuple[float, dict[str, tuple[float, dict[float, float]]]] | None = None
 
     def event(self, action: object) -> None:
         self._log(f"{type(action).__name__} {_fields(action)}")
@@ -72,8 +73,12 @@ class StatusBoard:
             )
 
     async def _traffic(self, runtime: Any) -> tuple[float, float, float]:
-        """Requests/s, p50 and p99 at the front since the last draw (from /metrics)."""
-        total, buckets = 0.0, {}
+        """Requests/s, p50 and p99 at the front since the last draw (from /metrics).
+
+        Counted per front worker: one that left takes its counters with it (summed over the
+        workers, the total fell and the rate came out negative), and one that joined since
+        the last draw counts from zero."""
+        seen: dict[str, tuple[float, dict[float, float]]] = {}
         front = [w for w in runtime.workers.values() if w.stage == 0 and w.handle is not None]
         for worker in front:
             try:
@@ -87,6 +92,7 @@ class StatusBoard:
                     text = await response.text()
             except (aiohttp.ClientError, TimeoutError, OSError):
                 continue
+            total, buckets = 0.0, {}
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
                     if sample.name == "worldmesh_requests_total":
@@ -94,12 +100,20 @@ class StatusBoard:
                     elif sample.name == "worldmesh_request_duration_seconds_bucket":
                         le = float(sample.labels["le"])
                         buckets[le] = buckets.get(le, 0.0) + sample.value
+            seen[worker.id] = (total, buckets)
         now = time.monotonic()
-        last, self._last = self._last, (now, total, buckets)
+        last, self._last = self._last, (now, seen)
         if last is None or now <= last[0]:
             return 0.0, 0.0, 0.0
-        delta = {le: count - last[2].get(le, 0.0) for le, count in buckets.items()}
-        return (total - last[1]) / (now - last[0]), _quantile(delta, 0.5), _quantile(delta, 0.99)
+        requests, delta = 0.0, {}
+        for worker_id, (total, buckets) in seen.items():
+            before_total, before = last[1].get(worker_id, (0.0, {}))
+            if total < before_total:  # restarted counters: all of it is new
+                before_total, before = 0.0, {}
+            requests += total - before_total
+            for le, count in buckets.items():
+                delta[le] = delta.get(le, 0.0) + count - before.get(le, 0.0)
+        return requests / (now - last[0]), _quantile(delta, 0.5), _quantile(delta, 0.99)
 
 
 def _quantile(cumulative: dict[float, float], q: float) -> float:

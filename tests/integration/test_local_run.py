@@ -8,7 +8,10 @@ Covers:
   which becomes ready while the frozen one's status is still awaited, is not judged dead;
 - editing the manifest under load scales a stage up (the new worker gets traffic) and down
   (the removed worker is drained before it is stopped), with zero failed requests;
-- SIGINT to ``worldmesh run`` drains and stops everything and leaves no worker process.
+- SIGINT to ``worldmesh run`` drains and stops everything and leaves no worker process;
+- one endpoint (the front service) under load while a front worker is killed and replaced
+  and the front stage is scaled down (its removed worker drained): the URL never changes
+  and no request fails.
 """
 
 from __future__ import annotations
@@ -43,19 +46,20 @@ MANIFEST = {
 SLOW = {"WORLDMESH_TOY_BLOCK_DELAY_S": "0.01"}
 
 
-def write(path: Path, b_min: int, b_max: int = 3) -> None:
+def write(path: Path, b_min: int, b_max: int = 3, a_min: int = 1) -> None:
     manifest = yaml.safe_load(yaml.safe_dump(MANIFEST))
+    manifest["spec"]["stages"][0]["replicas"] = {"min": a_min, "max": 3}
     manifest["spec"]["stages"][1]["replicas"] = {"min": b_min, "max": b_max}
     path.write_text(yaml.safe_dump(manifest))
 
 
 class Running:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, port: int | None = None, a_min: int = 1) -> None:
         self.manifest = tmp_path / "toy.yaml"
-        write(self.manifest, 2)
+        write(self.manifest, 2, a_min=a_min)
         self.lines: list[str] = []
         self.deployment = LocalDeployment(
-            self.manifest, tmp_path / "run", env=SLOW, out=self.lines.append
+            self.manifest, tmp_path / "run", env=SLOW, out=self.lines.append, port=port
         )
 
     async def __aenter__(self) -> LocalDeployment:
@@ -127,6 +131,37 @@ async def test_frozen_worker_is_killed_and_replaced_once(tmp_path):
         assert len(replacements) == 1, running.lines[-20:]
         assert load.result.lost == 0, load.result.messages[:5]
         assert max(load.result.latencies) <= 1.0, sorted(load.result.latencies)[-5:]
+
+
+async def test_one_endpoint_while_front_workers_come_and_go(tmp_path):
+    running = Running(tmp_path, port=0, a_min=2)
+    async with running as deployment:
+        url = deployment.runtime.endpoint
+        assert url is not None and url.startswith(deployment.front.url)  # type: ignore[union-attr]
+        first = ready_ids(deployment, 0)
+        assert len(first) == 2
+        async with ClosedLoop(url, toy_request, 6) as load:
+            await load.answered(20)
+            deployment.runtime.workers[sorted(first)[0]].process.kill()
+            await wait_until(
+                lambda: len(ready_ids(deployment, 0) - first) == 1 and deployment.ready(),
+                60,
+                "the front worker replaced",
+            )
+            assert deployment.runtime.endpoint == url
+            await load.answered(30)
+            now = ready_ids(deployment, 0)
+            write(running.manifest, 2, a_min=1)  # the front stage 2 -> 1: one is drained
+            await wait_until(
+                lambda: len(ready_ids(deployment, 0)) == 1 and deployment.ready(),
+                60,
+                "the front stage scaled down",
+            )
+            await load.answered(30)
+        assert deployment.runtime.endpoint == url
+        assert load.result.lost == 0, load.result.messages[:5]
+        drained = now - ready_ids(deployment, 0)
+        assert any(f"DrainWorker {w}" in line for w in drained for line in running.lines)
 
 
 async def test_manifest_edits_scale_up_and_down_under_load(tmp_path):

@@ -65,6 +65,7 @@ class _Worker:
     stopping: bool = False
     last: dict[str, Any] = field(default_factory=dict)  # last control status
     dead: bool = False  # the last observation found it DEAD
+    draining: bool = False  # told to drain: it takes no new requests
 
 
 class LocalRuntime:
@@ -97,6 +98,8 @@ class LocalRuntime:
         self.token_path.chmod(0o600)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: The base URL of a ``FrontService`` in front of the front workers, if one runs.
+        self.service_url: str | None = None
 
     async def __aenter__(self) -> LocalRuntime:
         self._session = aiohttp.ClientSession()
@@ -116,11 +119,34 @@ class LocalRuntime:
 
     @property
     def endpoint(self) -> str | None:
-        """The front stage's inference URL (its first ready worker)."""
-        for worker in sorted(self.workers.values(), key=lambda w: w.created):
-            if worker.stage == 0 and worker.handle is not None and worker.process.poll() is None:
-                return f"http://{self.host}:{worker.handle.http_port}/v2/models/{self.deployment}/infer"
-        return None
+        """The inference URL: the stable front service's (``service_url``, when one runs)
+        once a front worker takes requests, else the first ready front worker's own."""
+        fronts = self.front_urls()
+        if self.service_url is not None:
+            base: str | None = self.service_url if fronts else None
+        else:
+            base = next(
+                (
+                    f"http://{self.host}:{w.handle.http_port}"
+                    for w in sorted(self.workers.values(), key=lambda w: w.created)
+                    if w.stage == 0 and w.handle is not None and w.process.poll() is None
+                ),
+                None,
+            )
+        return f"{base}/v2/models/{self.deployment}/infer" if base else None
+
+    def front_urls(self) -> list[str]:
+        """The front workers that take requests: answering, not draining, dying or dead."""
+        return [
+            f"http://{self.host}:{w.handle.http_port}"
+            for w in sorted(self.workers.values(), key=lambda w: w.created)
+            if w.stage == 0
+            and w.handle is not None
+            and w.process.poll() is None
+            and not (w.stopping or w.dead or w.draining)
+            and w.last
+            and not w.last.get("draining")
+        ]
 
     def live(self) -> list[_Worker]:
         return [w for w in self.workers.values() if w.process.poll() is None]
@@ -199,6 +225,8 @@ class LocalRuntime:
             if worker is not None and worker.handle is None:
                 self.stop(action.worker_id)  # still starting: it never served, nothing to drain
             else:
+                if worker is not None:
+                    worker.draining = True
                 await self._handle(action.worker_id).control.drain(wait=0)
         elif isinstance(action, StopWorker):
             self.stop(action.worker_id)
