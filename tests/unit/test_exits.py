@@ -325,6 +325,40 @@ def test_the_tuner_never_ends_a_window_over_budget_and_recovers_after_a_shift(
     )
 
 
+def test_a_tune_off_the_loop_decides_as_one_inline_and_the_rows_never_wait(
+    toy_ramps: Path,
+) -> None:
+    rng = np.random.default_rng(11)
+    stream = record(toy_ramps, rng.integers(-10, 11, (1200, 16)))
+
+    def controller(**kwargs: object) -> tuple[ExitController, Clock]:
+        clock = Clock()
+        metrics = WorkerMetrics(CollectorRegistry(), "d", 0, "w")
+        sites = [0, 1, 2]
+        made = ExitController(sites, dict.fromkeys(sites, 0.0), metrics, clock=clock, **kwargs)
+        return made, clock
+
+    inline, clock = controller()
+    wrong_inline = replay(inline, clock, *stream)
+    # tuned on a copy, adopted at once: the very same decisions, row by row
+    offloaded, clock = controller(offload=lambda work, then: then(work()))
+    assert (replay(offloaded, clock, *stream) == wrong_inline).all()
+    for field in ("levels", "active", "cuts", "decisions", "off_since"):
+        assert getattr(offloaded, field) == getattr(inline, field), field
+    # a tune that has not come back yet: rows go on under the old thresholds, the next
+    # due tune waits for it (one at a time), and runs once it is adopted
+    queued: list[tuple] = []
+    deferred, clock = controller(offload=lambda work, then: queued.append((work, then)))
+    replay(deferred, clock, *(part[:64] for part in stream))
+    assert deferred.decisions == 0 and len(queued) == 1 and deferred._tune_again
+    work, then = queued.pop()
+    then(work())
+    assert deferred.decisions == 1 and len(queued) == 1  # the waiting tune, started now
+    work, then = queued.pop()
+    then(None)  # a tune that failed changes nothing
+    assert deferred.decisions == 1 and not deferred._tuning
+
+
 def test_the_shift_test_is_a_binomial_tail() -> None:
     assert _tail(0, 64, 0.01) == 1.0  # no disagreement is never surprising
     # P(X >= 2) for X ~ Binomial(64, 0.01) = 1 - 0.99**64 - 64 * 0.01 * 0.99**63

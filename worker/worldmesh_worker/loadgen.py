@@ -29,6 +29,8 @@ class LoadResult:
     errors: Counter[int] = field(default_factory=Counter)  # HTTP status (0: no response)
     messages: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    answered_at: list[float] = field(default_factory=list)  #: monotonic, beside latencies
+    failed_at: list[float] = field(default_factory=list)  #: monotonic, one per lost request
 
     @property
     def lost(self) -> int:
@@ -84,16 +86,20 @@ class ClosedLoop:
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 self.result.errors[0] += 1
                 self.result.messages.append(f"request {i}: {type(exc).__name__}: {exc}")
+                self.result.failed_at.append(time.monotonic())
                 continue
             if status != 200:
                 self.result.errors[status] += 1
                 self.result.messages.append(f"request {i}: {status} {answer}")
+                self.result.failed_at.append(time.monotonic())
             elif not check(answer):
                 self.result.wrong += 1
                 self.result.messages.append(f"request {i}: wrong answer {answer}")
+                self.result.failed_at.append(time.monotonic())
             else:
                 self.result.ok += 1
                 self.result.latencies.append(time.perf_counter() - start)
+                self.result.answered_at.append(time.monotonic())
 
 
 def toy_request(i: int, rows: int = 1) -> tuple[dict[str, Any], Callable[[dict[str, Any]], bool]]:

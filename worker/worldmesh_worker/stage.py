@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +143,8 @@ class Stage:
         self._computing = 0
         self._ids = itertools.count(1)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        #: early-exit tuning: off the loop (a decision may take 250 ms), beside compute
+        self._tuning = ThreadPoolExecutor(1, thread_name_prefix="tuning")
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -157,6 +160,7 @@ class Stage:
             task.cancel()
         await self.manager.close_all()
         self._compute.shutdown(wait=False, cancel_futures=True)
+        self._tuning.shutdown(wait=False, cancel_futures=True)
 
     @property
     def accepting(self) -> bool:
@@ -233,7 +237,23 @@ class Stage:
                 ramp_budget=exits.ramp_budget,
                 policy=exits.policy,
                 on_active=self._set_ramps,
+                offload=self._tune_off_loop,
             )
+
+    def _tune_off_loop(self, work: Callable[[], Any], then: Callable[[Any], None]) -> None:
+        """Run an early-exit tune on its own thread, and adopt it back on the loop."""
+        future = asyncio.get_running_loop().run_in_executor(self._tuning, work)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                log.warning(
+                    "early-exit tuning failed: %s", None if f.cancelled() else f.exception()
+                )
+                then(None)
+            else:
+                then(f.result())
+
+        future.add_done_callback(done)
 
     def exits_status(self) -> dict[str, Any]:
         if self.exits is not None:

@@ -67,6 +67,7 @@ messages) and every final answer, so all online state lives here:
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import deque
@@ -90,6 +91,10 @@ class _Row:
 
 
 MARGINALS = 3  # marginal savings measured per decision
+#: ``offload(work, then)``: ``work()`` off the event loop, ``then(its result or None)`` on it.
+Offload = Callable[
+    [Callable[[], "ExitController"], Callable[["ExitController | None"], None]], None
+]
 #: a ramp's threshold may rise once it has answered rows enough for this many
 #: disagreements within the budget (200 rows at 1%; see the module docstring)
 CLIMB_DISAGREEMENTS = 2
@@ -114,7 +119,10 @@ class ExitController:
         prior: float = 1.0,
         on_active: Callable[[list[int]], None] = lambda active: None,
         clock: Callable[[], float] = time.monotonic,
+        offload: Offload | None = None,
     ) -> None:
+        """``offload(work, then)``: run ``work()`` off the event loop, then ``then(result)``
+        back on it (the stage's tuning thread); None tunes inline (tests, replays)."""
         if not 0.0 <= budget <= 1.0:
             raise ValueError(f"accuracy budget {budget} is not within [0, 1]")
         if policy not in ("online", "fixed"):
@@ -155,6 +163,9 @@ class ExitController:
         self.requests = 0  # requests started (the denominator of ``exitRate``)
         self.decisions = 0
         self._starts: dict[int, float] = {}
+        self.offload = offload
+        self._tuning = False  # a tune runs off the loop: the next one waits for it
+        self._tune_again = False
         self._export()
 
     def threshold(self, site: int) -> float:
@@ -223,9 +234,62 @@ class ExitController:
         self.labelled += 1
         if self.labelled % self.every == 0:
             if self.policy == "online":
-                self.retune()
+                self._retune_due()
             else:
                 self._export()
+
+    # -- tuning off the event loop -------------------------------------------------------
+
+    def _retune_due(self) -> None:
+        """Retune now: inline, or (with ``offload``) on a copy off the event loop, whose
+        decision is adopted back on it. A decision took up to 250 ms in the first climbs
+        (see ``retune``): on the loop, it held up every request and control call."""
+        if self.offload is None:
+            self.retune()
+            return
+        if self._tuning:
+            self._tune_again = True
+            return
+        self._tuning = True
+        trial, labelled = self._trial(), self.labelled
+
+        def work() -> ExitController:
+            trial.retune()
+            return trial
+
+        self.offload(work, lambda tuned: self._adopt(tuned, labelled))
+
+    def _trial(self) -> ExitController:
+        """A copy to tune: the state a retune changes is its own; no callbacks, no export."""
+        trial = copy.copy(self)
+        trial.window = deque(self.window, maxlen=self.window.maxlen)
+        trial.levels = list(self.levels)
+        trial.values = dict(self.values)
+        trial.active = set(self.active)
+        trial.off_since = dict(self.off_since)
+        trial.saved, trial.cost = dict(self.saved), dict(self.cost)
+        trial.on_active = lambda active: None
+        trial._export = lambda: None  # type: ignore[method-assign]
+        trial.offload = None
+        return trial
+
+    def _adopt(self, tuned: ExitController | None, labelled: int) -> None:
+        """Take a tune's decision (on the loop); None: it failed, nothing changes."""
+        self._tuning = False
+        if tuned is not None:
+            if tuned.cuts > self.cuts:  # a shift: keep its recent rows and the newer ones
+                keep = len(tuned.window) + (self.labelled - labelled)
+                while len(self.window) > keep:
+                    self.window.popleft()
+            self.levels, self.values = tuned.levels, tuned.values
+            self.off_since, self.cuts, self.decisions = tuned.off_since, tuned.cuts, tuned.decisions
+            if tuned.active != self.active:
+                self.active = tuned.active
+                self.on_active(sorted(self.active))
+            self._export()
+        if self._tune_again:
+            self._tune_again = False
+            self._retune_due()
 
     # -- control ---------------------------------------------------------------------
 
