@@ -8,7 +8,7 @@ export WORLDMESH_CACHE ?= $(HOME)/.cache/worldmesh
 APT_PACKAGES := dataset-fashion-mnist prometheus
 MODELS := efficientnet-lite0 minilm-l6
 
-.PHONY: setup apt venv models ramps tools schema dashboards run test lint format bench clean
+.PHONY: setup apt venv models ramps tools schema dashboards run test lint format bench chaos clean
 
 # Everything; the tests need all but the ramps (they train their own on the toy model).
 setup: apt venv models ramps tools schema
@@ -85,6 +85,10 @@ format: $(VENV)/.installed
 
 bench: setup
 	$(PY) bench/run.py
+
+# The fault suite on the fashion example, with and without a CPU hog (also in `make bench`).
+chaos: setup
+	$(PY) bench/run.py chaos
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import autoscale_bench
+import chaos_bench
 import cluster_bench
 import common
 import control_bench
@@ -31,6 +32,7 @@ BENCHMARKS = {
     "shift": shift_bench.run,
     "autoscale": autoscale_bench.run,
     "cluster": cluster_bench.run,
+    "chaos": chaos_bench.run,
 }
 
 

@@ -10,7 +10,9 @@ the request in flight), is sent to another front worker: inference requests are
 idempotent. With no ready front worker it answers 503 with ``{"error": ...}``.
 
 It runs on a thread with an event loop of its own, so proxying under load never delays
-the control loop (whose status calls judge workers alive), nor the other way round.
+the control loop (whose status calls judge workers alive), nor the other way round. A 503
+from a front worker (it lost its next stage, or began to drain since the control loop
+last looked) is tried on another one too; the last 503 is passed on.
 ``set_backends`` is the control loop's side: the base URLs of the ready front workers.
 """
 
@@ -144,7 +146,13 @@ class FrontService:
                 ) as answer:
                     payload = await answer.read()
                     kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_HEADERS}
-                    return web.Response(status=answer.status, body=payload, headers=kept)
+                    response = web.Response(status=answer.status, body=payload, headers=kept)
+                if answer.status != 503 or self._pick(tried) is None:
+                    return response
+                # Unavailable there (it just lost its next stage, or began to drain since
+                # the control loop last looked): another front worker may answer.
+                last_error = payload.decode(errors="replace")[:300]
+                self.retried += 1
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 # Not reached, or gone before it answered: another front worker answers.
                 last_error = f"front worker {backend} failed: {exc or type(exc).__name__}"

@@ -100,6 +100,8 @@ class LocalRuntime:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: The base URL of a ``FrontService`` in front of the front workers, if one runs.
         self.service_url: str | None = None
+        self._opening: set[tuple[str, str]] = set()  # worlds whose open runs as a task
+        self._late_errors: list[str] = []  # of those opens, for the next apply()
 
     async def __aenter__(self) -> LocalRuntime:
         self._session = aiohttp.ClientSession()
@@ -136,7 +138,8 @@ class LocalRuntime:
         return f"{base}/v2/models/{self.deployment}/infer" if base else None
 
     def front_urls(self) -> list[str]:
-        """The front workers that take requests: answering, not draining, dying or dead."""
+        """The front workers that take requests: answering, wired to a live worker of the
+        next stage (``accepting``), not draining, dying or dead."""
         return [
             f"http://{self.host}:{w.handle.http_port}"
             for w in sorted(self.workers.values(), key=lambda w: w.created)
@@ -144,7 +147,7 @@ class LocalRuntime:
             and w.handle is not None
             and w.process.poll() is None
             and not (w.stopping or w.dead or w.draining)
-            and w.last
+            and w.last.get("accepting")
             and not w.last.get("draining")
         ]
 
@@ -207,15 +210,38 @@ class LocalRuntime:
     # -- apply -----------------------------------------------------------------------
 
     async def apply(self, actions: Sequence[Action]) -> list[str]:
-        outcomes = await asyncio.gather(*(self._apply(a) for a in actions), return_exceptions=True)
-        errors = []
-        for action, outcome in zip(actions, outcomes, strict=True):
+        """Carry out ``actions``; the errors, with those of world opens since the last call.
+
+        A world open runs on as a task of its own (it waits, bounded, for both ends): the
+        control loop goes on observing meanwhile, so a worker that dies or freezes while
+        others are being wired is seen at once, not after the slowest open."""
+        opens = [a for a in actions if isinstance(a, OpenWorld)]
+        rest = [a for a in actions if not isinstance(a, OpenWorld)]
+        for action in opens:
+            pair = (action.a, action.b)
+            if pair not in self._opening:
+                self._opening.add(pair)
+                task = asyncio.create_task(self._open(action))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        outcomes = await asyncio.gather(*(self._apply(a) for a in rest), return_exceptions=True)
+        errors, self._late_errors = self._late_errors, []
+        for action, outcome in zip(rest, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 errors.append(f"{action}: {outcome}")
                 log.warning("%s failed: %s", action, outcome)
         self._forget_exited()
         self._write_targets()
         return errors
+
+    async def _open(self, action: OpenWorld) -> None:
+        try:
+            await connect(self._handle(action.a), self._handle(action.b))
+        except Exception as exc:  # reported by the next apply(); the reconciler retries
+            self._late_errors.append(f"{action}: {exc}")
+            log.warning("%s failed: %s", action, exc)
+        finally:
+            self._opening.discard((action.a, action.b))
 
     async def _apply(self, action: Action) -> None:
         if isinstance(action, StartWorker):
@@ -230,8 +256,6 @@ class LocalRuntime:
                 await self._handle(action.worker_id).control.drain(wait=0)
         elif isinstance(action, StopWorker):
             self.stop(action.worker_id)
-        elif isinstance(action, OpenWorld):
-            await connect(self._handle(action.a), self._handle(action.b))
         elif isinstance(action, CloseWorld):
             name = f"{action.a}~{action.b}"
             for end in (action.a, action.b):
