@@ -36,7 +36,9 @@ from .runtime.kube_client import KubeClient
 from .runtime.kubernetes import KubernetesRuntime
 from .spec import DeploymentSpec, SpecError, parse_spec
 
-RECONCILE_INTERVAL_S = 2.0
+#: One reconcile step a second: a dead worker is replaced, a new one wired, within a step
+#: or two (each step lists the deployment's pods and asks each worker for its status).
+RECONCILE_INTERVAL_S = 1.0
 DEFAULT_IMAGE = "worldmesh/worldmesh-worker:0.1.0"
 PRIORITY_SPREAD = 100_000  #: tie-breakers between replicas of one priority
 

@@ -121,6 +121,7 @@ class Container:
     last_exit: dict[str, Any] | None = None
     ready: bool = False
     started: bool = False  #: its startupProbe succeeded (or it has none)
+    killing: bool = False  #: a failed probe's kill is under way
 
 
 @dataclass
@@ -309,11 +310,15 @@ class Kubelet:
         present = {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p for p in listed}
         for key, pod in list(self.pods.items()):
             body = present.get(key)
+            if pod.deleting_since is not None:
+                continue  # being finalised
             if body is None or body["metadata"]["uid"] != pod.uid:
                 # Gone from the API without us (deleted with grace 0): kill it all the same.
+                pod.deleting_since = time.monotonic()
                 self._spawn_task(self._finalize(pod, MIN_GRACE_S, delete=False))
-            elif body["metadata"].get("deletionTimestamp") and pod.deleting_since is None:
+            elif body["metadata"].get("deletionTimestamp"):
                 grace = float(body["metadata"].get("deletionGracePeriodSeconds") or 0)
+                pod.deleting_since = time.monotonic()
                 self._spawn_task(self._finalize(pod, max(grace, MIN_GRACE_S), delete=True))
             else:
                 pod.body = body
@@ -424,7 +429,7 @@ class Kubelet:
             )
         pod.pids.append(c.process.pid)
         c.started_at, c.started_mono = now(), time.monotonic()
-        c.ready, c.started = False, c.startup is None
+        c.ready, c.started, c.killing = False, c.startup is None, False
         for probe in (c.readiness, c.liveness, c.startup):
             if probe is not None:
                 probe.next_at = c.started_mono + probe.initial_delay_s
@@ -590,7 +595,7 @@ class Kubelet:
                 pod.finished = True
                 self.pods.pop(f"{pod.namespace}/{pod.name}", None)
             changed = True
-        else:
+        elif not c.killing:
             changed = await self._probe_all(pod)
         if changed:
             await self._report(pod)
@@ -641,11 +646,12 @@ class Kubelet:
         return ok
 
     async def _restart(self, pod: RunningPod, why: str) -> None:
-        """Kill the container (its grace period), then restart it as restartPolicy says."""
+        """Kill the container (its grace period, in a task: the other pods go on), then
+        restart it as restartPolicy says (the next _check sees the exit)."""
         log.info("pod %s: %s, killing the container", pod.name, why)
         grace = float(pod.body["spec"].get("terminationGracePeriodSeconds", 30))
-        await self._kill(pod, grace)
-        # The next _check sees the exit and applies restartPolicy and the back-off.
+        pod.container.killing = True
+        self._spawn_task(self._kill(pod, grace))
 
     async def _kill(self, pod: RunningPod, grace_s: float) -> None:
         process = pod.container.process
@@ -662,7 +668,6 @@ class Kubelet:
     async def _finalize(self, pod: RunningPod, grace_s: float, *, delete: bool) -> None:
         """A deleted pod: SIGTERM, its grace, SIGKILL, the final status, then delete with
         grace 0 (only then does it leave the API)."""
-        pod.deleting_since = time.monotonic()
         await self._kill(pod, grace_s)
         self.pods.pop(f"{pod.namespace}/{pod.name}", None)
         if delete:

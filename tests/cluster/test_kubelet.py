@@ -22,6 +22,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def pod(name: str, **spec: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def ns(admin: KubeClient, kubelet: Kubelet) -> str:
+async def ns(admin: KubeClient, kubelet: Kubelet) -> AsyncIterator[str]:
     try:
         await admin.get("v1", "namespaces", None, NS)
     except NotFound:
@@ -70,7 +71,9 @@ async def ns(admin: KubeClient, kubelet: Kubelet) -> str:
         )
     # The namespace's default ServiceAccount comes from the controller manager.
     await wait_until(lambda: _has_account(admin), 30, "the default ServiceAccount")
-    return NS
+    yield NS
+    for pod in await admin.list("v1", "pods", NS):  # their processes stop with them
+        await admin.delete("v1", "pods", NS, pod["metadata"]["name"])
 
 
 async def _has_account(admin: KubeClient) -> bool:

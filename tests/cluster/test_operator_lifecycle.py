@@ -1,4 +1,4 @@
-"""The operator's lifecycle: scaling through /scale and the spec, restarts, two replicas.
+"""The operator's lifecycle: scaling through /scale and the spec, restarts.
 
 - ``kubectl scale md/NAME --replicas 3`` (the real kubectl, through the /scale subresource)
   grows the stage that ``spec.scaleTarget`` names from 1 to 3 real workers with their
@@ -11,18 +11,16 @@
   API server's audit log counts them) and the status converges; restarted again under
   load, through three reconcile steps of the new operator, no request fails, nothing is
   re-created and no worker opens a world again.
-- Two operators in one kopf peering: the higher priority one acts alone (the other holds
-  no deployment); once it stops, the other takes over and applies the next spec change.
+
+Two operator replicas in the chart's peering are tested in-cluster (test_helm_install.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import kopf
-import pytest
 
 from worldmesh_operator import builders
 from worldmesh_operator.runtime.kube_client import KubeClient
@@ -206,57 +204,3 @@ async def test_a_restarted_operator_adopts_pods_and_worlds(
             status = await status_of(api, "adopt", ns)
             assert status["worlds"] == {"ready": 4, "broken": 0}
             await delete_deployments(api, ns)
-
-
-async def test_two_operators_in_a_peering_one_acts(
-    control_plane: ControlPlane,
-    chart_identity: Identity,
-    admin: KubeClient,
-    kubelet: Kubelet,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Both as the chart's ServiceAccount, in the peering object the chart made."""
-    caplog.set_level(logging.INFO, logger="kopf")
-    api, ns = admin, "peering-test"
-    peering = "wm-worldmesh"  # the chart's ClusterKopfPeering (release "wm")
-    await api.create(
-        "namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
-    )
-
-    async def peers() -> int:
-        body = await api.get("kopf.dev/v1", "clusterkopfpeerings", None, peering)
-        return len(body.get("status") or {})
-
-    identity = (control_plane, chart_identity)
-    async with running_operator(*identity, peering=peering, priority=50) as standby:
-        async with running_operator(*identity, peering=peering, priority=100) as active:
-            await wait_until(lambda: _at_least(peers, 2), TIMEOUT, "both in the peering", 0.1)
-            await wait_until(
-                lambda: any("Pausing operations" in r.getMessage() for r in caplog.records),
-                TIMEOUT,
-                "the lower priority operator paused",
-                interval=0.1,
-            )
-            await api.create("modeldeployments", manifest("peer", ns))
-
-            async def handled() -> bool:
-                return (await status_of(api, "peer", ns)).get("observedGeneration") == 1
-
-            await wait_until(handled, TIMEOUT, "the deployment handled", interval=0.1)
-            assert (ns, "peer") in active.deployments
-            assert standby.deployments == {}
-            assert len(await pods_of(api, "peer", ns)) == 3
-        # The active operator left the peering: the standby resumes and acts.
-        await api.patch(MD, "modeldeployments", ns, "peer", {"spec": {"replicas": 2}})
-
-        async def four() -> bool:
-            return len(await pods_of(api, "peer", ns)) == 4
-
-        await wait_until(four, TIMEOUT, "the standby scaling the stage", interval=0.1)
-        assert (ns, "peer") in standby.deployments
-        await delete_deployments(api, ns)
-    await api.delete("v1", "namespaces", None, ns)
-
-
-async def _at_least(count: Any, n: int) -> bool:
-    return await count() >= n
