@@ -193,23 +193,6 @@ class Cluster:
         return out.stdout
 
 
-async def _namespace(api: Any, name: str) -> None:
-    from worldmesh_operator.runtime.kube_client import NotFound
-
-    await api.create(
-        "namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-    )
-
-    async def has_account() -> bool:  # pods are refused until the controller made it
-        try:
-            await api.get("v1", "serviceaccounts", name, "default")
-        except NotFound:
-            return False
-        return True
-
-    await _until(has_account, f"the default ServiceAccount of {name}", 30)
-
-
 def _middle(pods: list[dict[str, Any]]) -> list[str]:
     from worldmesh_operator import builders
 
@@ -231,6 +214,7 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
 async def cluster_rep(cluster: Cluster, rep: int) -> dict[str, Any]:
     """One repetition on the cluster: apply, scale, delete a pod, restart the operator."""
     from tests.cluster.conftest import delete_deployments
+    from tests.cluster.namespaces import create_namespace
     from tests.cluster.test_helm_install import USER, ready_operators
     from tests.cluster.test_operator import pods_of, status_of
     from tests.cluster.test_operator_lifecycle import audited
@@ -239,7 +223,7 @@ async def cluster_rep(cluster: Cluster, rep: int) -> dict[str, Any]:
 
     api, plane = cluster.api, cluster.plane
     ns = f"bench-{rep}-{secrets.token_hex(2)}"
-    await _namespace(api, ns)
+    await create_namespace(api, ns)
 
     async def explain() -> str:
         pods = {

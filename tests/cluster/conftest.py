@@ -33,6 +33,7 @@ from worldmesh_worker.local import wait_until
 
 from .controlplane import NODE_NAME, ControlPlane, assets
 from .kubelet import Kubelet
+from .namespaces import create_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = ROOT / "tools" / "kubectl"
@@ -263,18 +264,7 @@ async def namespace(admin: KubeClient, request: pytest.FixtureRequest) -> AsyncI
     """A namespace of this test's own, deleted after it (its pods with it)."""
     name = "t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
     name += "-" + secrets.token_hex(2)
-    await admin.create(
-        "namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-    )
-
-    async def has_account() -> bool:  # pods are refused until the controller made it
-        try:
-            await admin.get("v1", "serviceaccounts", name, "default")
-        except NotFound:
-            return False
-        return True
-
-    await wait_until(has_account, 30, f"the default ServiceAccount of {name}", interval=0.1)
+    await create_namespace(admin, name)
     yield name
     # As a user would: delete the ModelDeployments while the test's operator still runs
     # (a test asks for ``namespace`` after ``operator``, or deletes them itself), wait

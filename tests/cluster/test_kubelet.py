@@ -35,6 +35,7 @@ from worldmesh_worker.local import wait_until
 from .conftest import Kubectl
 from .controlplane import NODE_NAME, ControlPlane
 from .kubelet import Kubelet
+from .namespaces import create_namespace
 
 SERVER = Path(__file__).parent / "pods" / "probe_server.py"
 NS = "kubelet-test"
@@ -66,22 +67,10 @@ async def ns(admin: KubeClient, kubelet: Kubelet) -> AsyncIterator[str]:
     try:
         await admin.get("v1", "namespaces", None, NS)
     except NotFound:
-        await admin.create(
-            "namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
-        )
-    # The namespace's default ServiceAccount comes from the controller manager.
-    await wait_until(lambda: _has_account(admin), 30, "the default ServiceAccount")
+        await create_namespace(admin, NS)
     yield NS
     for pod in await admin.list("v1", "pods", NS):  # their processes stop with them
         await admin.delete("v1", "pods", NS, pod["metadata"]["name"])
-
-
-async def _has_account(admin: KubeClient) -> bool:
-    try:
-        await admin.get("v1", "serviceaccounts", NS, "default")
-    except NotFound:
-        return False
-    return True
 
 
 async def running(admin: KubeClient, name: str) -> dict[str, Any] | None:

@@ -80,6 +80,19 @@ def ready_ids(deployment: LocalDeployment, stage: int) -> set[str]:
     }
 
 
+async def replaced(deployment: LocalDeployment, before: set[str]) -> None:
+    """Until one new middle worker replaced one of ``before`` and all is ready and wired."""
+    await wait_until(
+        lambda: (
+            len(ready_ids(deployment, 1) - before) == 1
+            and len(ready_ids(deployment, 1)) == 2
+            and deployment.ready()
+        ),
+        60,
+        "a replacement ready and wired",
+    )
+
+
 async def test_killed_worker_is_replaced_with_zero_failed_requests(tmp_path):
     async with Running(tmp_path) as deployment:
         before = ready_ids(deployment, 1)
@@ -87,15 +100,7 @@ async def test_killed_worker_is_replaced_with_zero_failed_requests(tmp_path):
         async with ClosedLoop(deployment.runtime.endpoint, toy_request, 6) as load:
             await load.answered(20)
             deployment.runtime.workers[victim].process.kill()
-            await wait_until(
-                lambda: (
-                    len(ready_ids(deployment, 1) - before) == 1
-                    and len(ready_ids(deployment, 1)) == 2
-                    and deployment.ready()
-                ),
-                60,
-                "a replacement ready and wired",
-            )
+            await replaced(deployment, before)
             await load.answered(30)
         assert load.result.lost == 0, load.result.messages[:5]
         assert victim not in ready_ids(deployment, 1)
@@ -112,15 +117,7 @@ async def test_frozen_worker_is_killed_and_replaced_once(tmp_path):
             started = len([line for line in running.lines if "StartWorker 1 " in line])
             os.kill(frozen.pid, signal.SIGSTOP)
             try:
-                await wait_until(
-                    lambda: (
-                        len(ready_ids(deployment, 1) - before) == 1
-                        and len(ready_ids(deployment, 1)) == 2
-                        and deployment.ready()
-                    ),
-                    60,
-                    "a replacement ready and wired",
-                )
+                await replaced(deployment, before)
                 await wait_until(lambda: frozen.poll() is not None, 10, "the frozen one killed")
             finally:
                 if frozen.poll() is None:
