@@ -7,12 +7,12 @@ worker (the one with the fewest requests in flight through here), never to one t
 draining or gone, as kube-proxy routes only to Ready pods. A request whose worker could
 not be reached, or closed the connection before answering (it was killed or stopped with
 the request in flight), is sent to another front worker: inference requests are
-idempotent. With no ready front worker it answers 503 with ``{"error": ...}``.
+idempotent. So is a 503 (the worker lost its next stage, or began to drain since the
+control loop last looked), while another one is left to try; the last 503 is passed on.
+With no ready front worker it answers 503 with ``{"error": ...}``.
 
 It runs on a thread with an event loop of its own, so proxying under load never delays
-the control loop (whose status calls judge workers alive), nor the other way round. A 503
-from a front worker (it lost its next stage, or began to drain since the control loop
-last looked) is tried on another one too; the last 503 is passed on.
+the control loop (whose status calls judge workers alive), nor the other way round.
 ``set_backends`` is the control loop's side: the base URLs of the ready front workers.
 """
 

@@ -12,9 +12,10 @@ deployment's Secret) for its status, bounded by ``answer_timeout_s``. A pod is:
 
 Applying: StartWorker creates a pod (``builders.build_worker_pod``, owned by the
 ModelDeployment); DrainWorker asks the control API (a pod that never answered is deleted at
-once, it served nothing); StopWorker deletes the pod (grace period 0 for a DEAD one: a frozen
-worker never handles SIGTERM; else the pod's, during which SIGTERM drains it); OpenWorld/CloseWorld go to both ends' control
-APIs, as ``worldmesh_worker.local.connect`` does for processes. ``ensure_objects`` creates
+once, it served nothing); StopWorker deletes the pod (grace period 0 for a DEAD one: a
+frozen worker never handles SIGTERM; else the pod's, during which SIGTERM drains it);
+OpenWorld/CloseWorld go to both ends' control APIs, as ``worldmesh_worker.local.connect``
+does for processes. ``ensure_objects`` creates
 the token Secret and both Services if absent and reads the token back, so a restarted
 operator adopts what exists rather than rotating the token under running workers.
 """
