@@ -8,6 +8,9 @@ Covers:
   which becomes ready while the frozen one's status is still awaited, is not judged dead;
 - editing the manifest under load scales a stage up (the new worker gets traffic) and down
   (the removed worker is drained before it is stopped), with zero failed requests;
+- a front worker whose event loop is busy with its own work (pure Python) for longer than
+  the control loop waits for its status is not judged dead nor replaced, and no request
+  fails (its process runs; a stopped one is replaced, above);
 - SIGINT to ``worldmesh run`` drains and stops everything and leaves no worker process;
 - one endpoint (the front service) under load while a front worker is killed and replaced
   and the front stage is scaled down (its removed worker drained): the URL never changes
@@ -23,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import yaml
 
 from worldmesh_operator.reconciler import WorkerState
@@ -159,6 +163,49 @@ async def test_one_endpoint_while_front_workers_come_and_go(tmp_path):
         assert load.result.lost == 0, load.result.messages[:5]
         drained = now - ready_ids(deployment, 0)
         assert any(f"DrainWorker {w}" in line for w in drained for line in running.lines)
+
+
+async def test_a_busy_front_worker_is_not_replaced(tmp_path):
+    models = Path(__file__).parent / "models"
+    manifest = yaml.safe_load(yaml.safe_dump(MANIFEST))
+    manifest["spec"]["model"]["name"] = "busy_front:build"
+    for stage in manifest["spec"]["stages"]:
+        stage["replicas"] = {"min": 1, "max": 1}
+    path = tmp_path / "busy.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    lines: list[str] = []
+    deployment = LocalDeployment(
+        path, tmp_path / "run", env={"PYTHONPATH": str(models)}, out=lines.append
+    )
+    task = asyncio.create_task(deployment.run())
+    try:
+        await wait_until(deployment.ready, 60, "deployment ready")
+        (front_id,) = ready_ids(deployment, 0)
+        front = deployment.runtime.workers[front_id]
+        seen = len(lines)
+        async with ClosedLoop(deployment.runtime.endpoint, toy_request, 4) as load:
+            await load.answered(20)
+            busy = {
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [99.0] * 16}]
+            }
+            async with aiohttp.ClientSession() as session:
+
+                async def ask() -> int:
+                    async with session.post(deployment.runtime.endpoint, json=busy) as response:
+                        return response.status
+
+                asked = asyncio.create_task(ask())
+                # its control API goes silent past the control loop's wait: it is busy
+                await wait_until(lambda: front.silent_since > 0, 10, "the front worker silent")
+                assert await asked == 200
+                await wait_until(lambda: front.silent_since == 0, 20, "it answers again")
+            await load.answered(20)
+        assert ready_ids(deployment, 0) == {front_id}
+        assert not [line for line in lines[seen:] if "StopWorker" in line or "StartWorker" in line]
+        assert load.result.lost == 0, load.result.messages[:5]
+    finally:
+        deployment.delete()
+        await asyncio.wait_for(task, 60)
 
 
 async def test_manifest_edits_scale_up_and_down_under_load(tmp_path):

@@ -485,8 +485,8 @@ class Stage:
         ramp is confident for every row; the rows still run to the last stage, whose answer
         labels the exit for the tuner (front stage only)."""
         self._admit(0)
-        try:
-            tensors = self.model.preprocess(inputs)
+        try:  # off the loop: tokenizing a large batch of long texts takes a while
+            tensors = await asyncio.to_thread(self.model.preprocess, inputs)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         n = int(tensors[0].shape[0])

@@ -2,11 +2,12 @@
 
 Each worker gets its config file, a port pair chosen by the OS (reported on its READY
 line), the deployment's control token (a file readable only by this user), and a log file
-of its own under the work directory. Observing asks every worker's control API (bounded:
-a worker that does not answer within ``answer_timeout_s``, such as a frozen one, is
-reported DEAD so the reconciler replaces it). Stopping sends SIGTERM (the worker drains,
-then exits) and SIGKILL past ``stop_timeout_s``, or at once for a worker that is DEAD (a
-frozen process never handles SIGTERM).
+of its own under the work directory. Observing asks every worker's control API, bounded
+by ``answer_timeout_s``; a worker that does not answer is reported DEAD, so the reconciler
+replaces it, at once when its process is stopped (frozen), but only after ``busy_limit_s``
+of silence when it runs: busy with its own work, it is not replaced for that. Stopping
+sends SIGTERM (the worker drains, then exits) and SIGKILL past ``stop_timeout_s``, or at
+once for a worker that is DEAD (a frozen process never handles SIGTERM).
 
 With ``targets_path``, the runtime keeps a Prometheus ``file_sd_configs`` file there: one
 target per worker that is ready and not stopping, labelled deployment, stage and worker,
@@ -65,6 +66,7 @@ class _Worker:
     stopping: bool = False
     last: dict[str, Any] = field(default_factory=dict)  # last control status
     dead: bool = False  # the last observation found it DEAD
+    silent_since: float = 0.0  # when its control API stopped answering (0: it answers)
     draining: bool = False  # told to drain: it takes no new requests
 
 
@@ -78,6 +80,7 @@ class LocalRuntime:
         host: str = "127.0.0.1",
         env: dict[str, str] | None = None,
         answer_timeout_s: float = 2.0,
+        busy_limit_s: float = 10.0,
         stop_timeout_s: float = 30.0,
         targets_path: Path | None = None,
     ) -> None:
@@ -88,6 +91,7 @@ class LocalRuntime:
         self.host = host
         self.env = env or {}
         self.answer_timeout_s = answer_timeout_s
+        self.busy_limit_s = busy_limit_s
         self.stop_timeout_s = stop_timeout_s
         self.workers: dict[str, _Worker] = {}
         self.targets_path = targets_path
@@ -202,7 +206,17 @@ class LocalRuntime:
         if handle is None:
             return WorkerState.STARTING
         if status is None:
-            return WorkerState.DEAD  # it does not answer: frozen or wedged
+            # No answer: stopped (SIGSTOP: frozen) is dead at once; a running process is
+            # busy with its own work, and only after ``busy_limit_s`` of silence wedged.
+            worker.silent_since = worker.silent_since or time.monotonic()
+            busy_for = time.monotonic() - worker.silent_since
+            if _stopped(worker.process.pid) or busy_for > self.busy_limit_s:
+                return WorkerState.DEAD
+            status = worker.last  # as it last answered
+        else:
+            worker.silent_since = 0.0
+        if not status:
+            return WorkerState.STARTING
         if status["draining"]:
             return WorkerState.DRAINED if status["drained"] else WorkerState.DRAINING
         return WorkerState.READY
@@ -381,6 +395,15 @@ class LocalRuntime:
 def config_digest(config: dict[str, Any]) -> str:
     """A stage config's identity: a worker started from another one is outdated."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP, a debugger): ``T``/``t`` in /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # gone: poll() tells
+    return stat.rpartition(")")[2].split()[0] in ("T", "t")
 
 
 def _kill(process: subprocess.Popen[str]) -> None:
