@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ import aiohttp
 import pytest
 import yaml
 
+from worldmesh_operator import handlers
 from worldmesh_operator.load import samples
 from worldmesh_operator.runtime.kube_client import KubeClient, NotFound
 from worldmesh_worker.exits.ramps import ramps_path
@@ -166,8 +168,9 @@ async def test_kubectl_apply_an_example_to_ready_then_delete_it(
     out = await asyncio.to_thread(kubectl, "describe", "md", name, "-n", ns)
     assert "WorkerStarting" in out.stdout, out.stdout
 
-    front = await service_url(admin, ns, name, "http")
-    assert front is not None
+    front = await wait_until(  # the kubelet's readiness probe marks the front pod Ready
+        lambda: service_url(admin, ns, name, "http"), TIMEOUT, "a Ready pod behind the Service"
+    )
     inputs, labels = samples(DATASETS[model])
     correct = 0
     async with aiohttp.ClientSession() as session:
@@ -245,27 +248,37 @@ async def test_two_replicas_one_acts(
     kubelet: Kubelet,
     control_plane: ControlPlane,
 ) -> None:
-    """Both replicas Ready; a deployment created and then scaled is handled by one of them
-    alone (the API server's audit log names the pod behind each request's bound token),
-    and each worker pod is created once."""
+    """Both replicas Ready and their peering settled; a deployment created and then scaled
+    is handled by one of them alone (the API server's audit log names the pod behind each
+    request's bound token), and each worker pod is created once. (Until the older replica
+    hears of a newer one of higher priority, both act: kopf's peering is not a lock.)"""
     ns = user_namespace
     out = await asyncio.to_thread(
         kubectl, "scale", "deployment/worldmesh", "-n", NS, "--replicas=2"
     )
     assert out.returncode == 0, out.stderr
     try:
-        await wait_until(
-            lambda: _count(ready_operators(admin), 2), TIMEOUT, "two operators", interval=0.5
+        pods = await wait_until(
+            lambda: _exactly(ready_operators(admin), 2), TIMEOUT, "two operators", interval=0.5
         )
+        await wait_until(lambda: settled(admin, kubelet, pods), TIMEOUT, "the peering settled")
         await admin.create(
             "modeldeployments", manifest("standby", ns, middle=(1, 3), scaleTarget="middle")
         )
         await wait_until(lambda: serving(admin, "standby", ns, 3), TIMEOUT, "serving", 0.2)
         await admin.patch(MD, "modeldeployments", ns, "standby", {"spec": {"replicas": 2}})
         await wait_until(lambda: serving(admin, "standby", ns, 4), TIMEOUT, "scaled", 0.2)
-        assert audited(control_plane, USER, "create", ns) == 4  # each worker created once
         actors = acting_pods(control_plane, ns)
         assert len(actors) == 1, actors
+        creates = [
+            (e["objectRef"].get("name"), e["responseStatus"].get("code"))  # type: ignore[index,union-attr]
+            for e in control_plane.audit_events()
+            if e.get("user", {}).get("username") == USER  # type: ignore[union-attr]
+            and e.get("verb") == "create"
+            and (e.get("objectRef") or {}).get("resource") == "pods"  # type: ignore[union-attr]
+            and (e.get("objectRef") or {}).get("namespace") == ns  # type: ignore[union-attr]
+        ]
+        assert len(creates) == 4, creates  # each worker created once
     finally:
         out = await asyncio.to_thread(
             kubectl, "scale", "deployment/worldmesh", "-n", NS, "--replicas=1"
@@ -273,8 +286,30 @@ async def test_two_replicas_one_acts(
         assert out.returncode == 0, out.stderr
 
 
-async def _count(pods: Any, n: int) -> bool:
-    return len(await pods) == n
+async def _exactly(pods: Any, n: int) -> list[dict[str, Any]] | None:
+    found = await pods
+    return found if len(found) == n else None
+
+
+def priority(pod: str) -> int:
+    """The kopf peering priority of an operator pod (the chart's 100, and the tie-breaker
+    ``handlers.configure`` draws from the pod's name)."""
+    return 100 * handlers.PRIORITY_SPREAD + zlib.crc32(pod.encode()) % handlers.PRIORITY_SPREAD
+
+
+async def settled(admin: KubeClient, kubelet: Kubelet, pods: list[dict[str, Any]]) -> bool:
+    """Both replicas are in the chart's peering, and the one that must stand down does: a
+    newer replica of lower priority starts paused; an older one of lower priority pauses
+    once it sees the newer one (kopf logs it)."""
+    peering = await admin.get("kopf.dev/v1", "clusterkopfpeerings", None, "worldmesh")
+    if len(peering.get("status") or {}) < 2:
+        return False
+    older, newer = sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])
+    old, new = older["metadata"]["name"], newer["metadata"]["name"]
+    if priority(new) < priority(old):
+        return True
+    (running,) = [p for p in operator_pods(kubelet) if p.name == old]
+    return "Pausing operations" in running.log_path.read_text(errors="replace")
 
 
 def acting_pods(plane: ControlPlane, namespace: str) -> set[str]:

@@ -6,7 +6,9 @@ deployment's Secret) for its status, bounded by ``answer_timeout_s``. A pod is:
 
 - STOPPING once it has a ``deletionTimestamp`` (SIGTERM sent: it drains, then exits);
 - DEAD when its phase is Failed/Succeeded, or when it answered before (or was Ready) and
-  no longer answers: frozen or wedged, so the reconciler replaces it;
+  its control port now refuses (the worker is gone), or it has not answered for
+  ``busy_limit_s`` (wedged); silent for less, it is busy with its own work, or frozen: its
+  peers' heartbeats tell (a frozen worker's worlds break, and the reconciler stops it);
 - STARTING while it has no IP or has never answered (the model may still be loading);
 - else READY / DRAINING / DRAINED from the worker's own status, worlds included.
 
@@ -27,6 +29,7 @@ import base64
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -74,6 +77,7 @@ class KubernetesRuntime:
         image: str,
         *,
         answer_timeout_s: float = 2.0,
+        busy_limit_s: float = 10.0,
     ) -> None:
         """``spec()`` gives the deployment's current spec; ``owner`` is the CR body (uid)."""
         self.api = api
@@ -81,6 +85,7 @@ class KubernetesRuntime:
         self.owner = owner
         self.image = image
         self.answer_timeout_s = answer_timeout_s
+        self.busy_limit_s = busy_limit_s
         self.token: str | None = None
         self.pods: dict[str, dict[str, Any]] = {}  # the last observation, by worker id
         self.failures: list[str] = []  # pod failures seen by the last observe()
@@ -88,6 +93,9 @@ class KubernetesRuntime:
         self.early_exits: dict[str, dict[str, Any]] = {}
         self._answered: set[str] = set()
         self._dead: set[str] = set()  #: workers the last observe() found dead
+        self._refused: set[str] = set()  #: workers whose control port refused the last call
+        self._silent: dict[str, float] = {}  #: since when a worker that served is silent
+        self._last: dict[str, dict[str, Any]] = {}  #: each worker's last status
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -154,6 +162,10 @@ class KubernetesRuntime:
             )
         self._answered &= set(self.pods)
         self._dead = dead
+        for gone in set(self._last) - set(self.pods):
+            self._last.pop(gone, None)
+            self._silent.pop(gone, None)
+            self._refused.discard(gone)
         self.early_exits = {
             pod["metadata"]["name"]: status["earlyExits"]
             for pod, status in zip(pods, statuses, strict=True)
@@ -166,11 +178,18 @@ class KubernetesRuntime:
     async def _status(self, pod: dict[str, Any]) -> dict[str, Any] | None:
         if _gone(pod) or not pod.get("status", {}).get("podIP"):
             return None
+        name = pod["metadata"]["name"]
         try:
             status = await asyncio.wait_for(self._control(pod).status(), self.answer_timeout_s)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, RuntimeError):
+        except TimeoutError:
+            return None  # busy with its own work, or frozen: _state tells them apart
+        except (aiohttp.ClientError, OSError, ValueError, RuntimeError):
+            self._refused.add(name)  # nothing answers on its port: the worker is gone
             return None
-        self._answered.add(pod["metadata"]["name"])
+        self._answered.add(name)
+        self._refused.discard(name)
+        self._silent.pop(name, None)
+        self._last[name] = status
         return status
 
     def _state(self, pod: dict[str, Any], status: dict[str, Any] | None) -> WorkerState:
@@ -180,9 +199,17 @@ class KubernetesRuntime:
             return WorkerState.DEAD
         if status is None:
             name = pod["metadata"]["name"]
-            if name in self._answered or _condition(pod, "Ready"):
-                return WorkerState.DEAD  # it served, and does not answer: frozen or wedged
-            return WorkerState.STARTING
+            if not (name in self._answered or _condition(pod, "Ready")):
+                return WorkerState.STARTING
+            if name in self._refused:
+                return WorkerState.DEAD  # it served, and its port is closed: gone
+            # It served and does not answer in time: busy with its own work, or frozen. A
+            # frozen one's peers see its heartbeats stop (the reconciler then stops it);
+            # a busy one keeps beating, and is dead only after ``busy_limit_s`` of silence.
+            since = self._silent.setdefault(name, time.monotonic())
+            if time.monotonic() - since > self.busy_limit_s:
+                return WorkerState.DEAD
+            status = self._last.get(name) or {}
         if status.get("draining"):
             return WorkerState.DRAINED if status.get("drained") else WorkerState.DRAINING
         return WorkerState.READY
@@ -221,7 +248,11 @@ class KubernetesRuntime:
             answered = action.worker_id in self._answered
             stopped = self.pods.get(action.worker_id)
             dead = (
-                stopped is None or _gone(stopped) or not answered or action.worker_id in self._dead
+                stopped is None
+                or _gone(stopped)
+                or not answered
+                or action.worker_id in self._dead
+                or action.worker_id in self._silent  # judged frozen by its peers' worlds
             )
             await self._delete(action.worker_id, 0 if dead else None)
         elif isinstance(action, OpenWorld):
