@@ -198,9 +198,9 @@ class WorldManager:
                 )
             except (TimeoutError, RuntimeError, OSError) as exc:
                 self._fail(name, f"peer {peer} did not join: {_describe(exc)}")
-                listener.close()  # ends a wait in accept()
-                with contextlib.suppress(BaseException):
-                    (await accepted).close()
+                listener.close()  # ends a wait in accept(): it raises OSError
+                with contextlib.suppress(OSError, TimeoutError):
+                    (await accepted).close()  # a peer that joined too late: hung up
             finally:
                 listener.close()
                 self.opening.pop(name, None)
