@@ -34,8 +34,8 @@ async def test_every_fault_once_on_a_busy_machine(tmp_path: Path) -> None:
         toy_request,
         hog=1,
         seed=SEED,
-        max_stop_s=4.0,
-        window_s=2.0,
+        max_stop_s=3.0,
+        window_s=1.0,
         env={"WORLDMESH_TOY_BLOCK_DELAY_S": "0.005"},
     )
     rounds = await suite.run(kinds)
