@@ -300,8 +300,7 @@ class World:
 
     def _heartbeat_ended(self, reason: str, goodbye: bool) -> None:
         if goodbye:
-            if self._closing_task is None:
-                self._closing_task = asyncio.ensure_future(self.close())
+            self._peer_closed()
         else:
             self.break_(reason)
 
