@@ -217,9 +217,14 @@ class KubernetesRuntime:
     # -- apply -------------------------------------------------------------------------
 
     async def apply(self, actions: Sequence[Action]) -> list[str]:
-        outcomes = await asyncio.gather(*(self._apply(a) for a in actions), return_exceptions=True)
+        # Stops first, as the plan orders them: a replacement's pod is created only once
+        # the dead pod is deleted, so a stage never holds more pods than it wants.
+        stops = [a for a in actions if isinstance(a, StopWorker)]
+        rest = [a for a in actions if not isinstance(a, StopWorker)]
+        outcomes = await asyncio.gather(*(self._apply(a) for a in stops), return_exceptions=True)
+        outcomes += await asyncio.gather(*(self._apply(a) for a in rest), return_exceptions=True)
         errors = []
-        for action, outcome in zip(actions, outcomes, strict=True):
+        for action, outcome in zip([*stops, *rest], outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 errors.append(f"{action}: {outcome}")
                 log.warning("%s failed: %s", action, outcome)
