@@ -23,7 +23,7 @@ import base64
 import json
 from typing import Any
 
-from .runtime.local import config_digest
+from .desired import config_digest
 from .spec import RAMPS_DIR, DeploymentSpec
 
 GROUP = "worldmesh.io"
@@ -124,9 +124,11 @@ def build_worker_pod(
     image: str,
     token_secret: str,
     owner: dict[str, Any] | None = None,
+    pull_policy: str = "IfNotPresent",
 ) -> dict[str, Any]:
     """One worker pod of ``stage`` named ``worker_id`` (a DNS label). ``image`` is used when
-    the spec names none. ``IndexError`` for a stage that does not exist."""
+    the spec names none; ``pull_policy`` is the chart's ``worker.image.pullPolicy``.
+    ``IndexError`` for a stage that does not exist."""
     stage_spec = spec.stages[stage]
     resources: dict[str, str] = {}
     if stage_spec.resources.cpu is not None:
@@ -165,6 +167,7 @@ def build_worker_pod(
     container = {
         "name": "worker",
         "image": spec.image or image,
+        "imagePullPolicy": pull_policy,
         "args": ["--config", f"{CONFIG_DIR}/config.json"],
         # The worker serves on, and gives its peers, the pod's own address.
         "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],

@@ -30,8 +30,8 @@ import kopf
 
 from . import autoscaling, builders
 from .builders import GROUP, PLURAL, VERSION
+from .desired import desired_of
 from .reconciler import Action, DrainWorker, StartWorker, StopWorker, WorkerState, plan, summarize
-from .run import desired_of
 from .runtime.kube_client import KubeClient
 from .runtime.kubernetes import KubernetesRuntime
 from .spec import DeploymentSpec, SpecError, parse_spec

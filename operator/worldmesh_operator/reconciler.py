@@ -48,23 +48,7 @@ from dataclasses import astuple, dataclass
 from enum import StrEnum
 from typing import Any
 
-
-@dataclass(frozen=True, slots=True)
-class DesiredStage:
-    index: int
-    #: Desired worker count, already clamped by the caller (min/max, autoscaler).
-    workers: int
-    #: Hash of the stage's worker config (model, split, batching...): differs -> outdated.
-    config_hash: str
-
-
-@dataclass(frozen=True, slots=True)
-class Desired:
-    deployment: str
-    #: Stages numbered 0..n-1, each once.
-    stages: tuple[DesiredStage, ...]
-    #: The deployment is being deleted: drain and stop everything.
-    deleted: bool = False
+from .desired import Desired, DesiredStage
 
 
 class WorkerState(StrEnum):

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import yaml
 
+from .desired import desired_of
 from .metrics import ControlMetrics, bound_port
 from .metrics_source import DirectScrape, MetricsSource, PrometheusSource, local_targets
-from .reconciler import Desired, DesiredStage, Observed, WorkerState, plan, summarize
+from .reconciler import Observed, WorkerState, plan, summarize
 from .runtime.front import FrontService
-from .runtime.local import LocalRuntime, config_digest
+from .runtime.local import LocalRuntime
 from .scaling import Autoscaler, stage_loads
 from .spec import DeploymentSpec, SpecError, parse_spec
 from .status import StatusBoard
@@ -44,20 +45,6 @@ def read_manifest(path: Path) -> DeploymentSpec:
     if not documents:
         raise SpecError([])
     return parse_spec(documents[0])
-
-
-def desired_of(spec: DeploymentSpec, wishes: dict[int, int], deleted: bool = False) -> Desired:
-    """Workers per stage: ``spec.replicas`` where it pins a stage, else the autoscaler's wish
-    (or ``min``), clamped to the stage's min..max."""
-    stages = []
-    for stage in spec.stages:
-        pinned = spec.pinned_replicas(stage.index)
-        wish = pinned if pinned is not None else wishes.get(stage.index, stage.min_replicas)
-        workers = max(stage.min_replicas, min(stage.max_replicas, wish))
-        stages.append(
-            DesiredStage(stage.index, workers, config_digest(spec.stage_config(stage.index)))
-        )
-    return Desired(spec.name, tuple(stages), deleted)
 
 
 class LocalDeployment:

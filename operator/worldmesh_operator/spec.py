@@ -21,7 +21,7 @@ from typing import Any
 
 from worldmesh_worker.exits.sites import site_error
 
-from .validate import FieldError, SpecError, load_schema
+from .schema import FieldError, SpecError, load_schema
 
 #: where a worker pod mounts ``spec.earlyExits.rampsConfigMap``
 RAMPS_DIR = "/var/run/worldmesh/ramps"

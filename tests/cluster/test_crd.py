@@ -18,7 +18,7 @@ Covers, with one CRD install for the module (``kubectl apply -f crds/``):
 - every CEL rule (``x-kubernetes-validations``) of the CRD, enumerated from the file: a
   manifest that breaks just that rule is rejected by the server with exactly one error,
   at the rule's field path with the rule's message (a rule without a case fails);
-- ``worldmesh validate`` (``validate.main``) rejects each of those bad manifests naming
+- ``worldmesh validate`` (``worldmesh validate`` (``cli``)) rejects each of those bad manifests naming
   the same field (and, for the rules, the same message), so the project's validator and
   the real server agree.
 """
@@ -37,7 +37,8 @@ from typing import Any
 import pytest
 import yaml
 
-from worldmesh_operator import validate
+from worldmesh_operator import cli
+from worldmesh_operator import schema as crd_schema
 from worldmesh_operator.runtime.kube_client import KubeClient
 
 Kubectl = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -225,7 +226,7 @@ def ours(manifest: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
     and deployment name they start with."""
     file = tmp_path / "manifest.yaml"
     file.write_text(yaml.safe_dump(manifest))
-    status = validate.main([str(file)])
+    status = cli.main(["validate", str(file)])
     out, err = capsys.readouterr()
     prefix = f"{file}: {manifest['metadata']['name']}: "
     lines = err.splitlines()
@@ -277,7 +278,7 @@ async def test_example_is_stored_with_the_expected_defaults(
     finally:
         deleted = kubectl("delete", "-n", crd, "-f", str(example), "--timeout=30s")
         assert deleted.returncode == 0, deleted.stderr
-    defaulted, errors = validate.load_schema().check(manifest)
+    defaulted, errors = crd_schema.load_schema().check(manifest)
     assert errors == []
     assert stored["spec"] == defaulted["spec"]
     spec = stored["spec"]
@@ -286,7 +287,7 @@ async def test_example_is_stored_with_the_expected_defaults(
     assert spec["autoscaling"]["scaleUpLimit"] == {"workers": 4, "periodSeconds": 15}
     assert spec["earlyExits"]["policy"] == "online"
     assert spec["limits"]["maxRetries"] == 3
-    assert validate.main([str(example)]) == 0
+    assert cli.main(["validate", str(example)]) == 0
     assert capsys.readouterr().out == f"ok: {name}\n"
 
 
@@ -294,7 +295,7 @@ def test_minimal_manifest_gets_every_default(crd: str, kubectl: Kubectl) -> None
     result = apply(kubectl, minimal())
     assert result.returncode == 0, result.stderr
     spec = json.loads(result.stdout)["spec"]
-    assert spec == validate.load_schema().check(minimal())[0]["spec"]
+    assert spec == crd_schema.load_schema().check(minimal())[0]["spec"]
     for stage in spec["stages"]:  # replicas: {} defaulted, then its fields
         assert stage["replicas"] == {"min": 1, "max": 1}
         assert stage["batching"] == {"maxBatchSize": 8, "maxQueueDelayMs": 2}
@@ -328,7 +329,7 @@ def test_good_manifest_is_accepted_by_both(
 ) -> None:
     result = apply(kubectl, make())
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["spec"] == validate.load_schema().check(make())[0]["spec"]
+    assert json.loads(result.stdout)["spec"] == crd_schema.load_schema().check(make())[0]["spec"]
     assert ours(make(), tmp_path, capsys)[0] == 0
 
 

@@ -209,7 +209,7 @@ def test_early_exit_status_is_what_the_crd_keeps() -> None:
     import jsonschema
     import yaml
 
-    from worldmesh_operator.validate import default_crd_path
+    from worldmesh_operator.schema import default_crd_path
 
     fronts = {
         "md-s0-b": {

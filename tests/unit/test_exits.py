@@ -509,7 +509,7 @@ def test_the_controller_exports_ramp_metrics() -> None:
 def test_ramps_train_reads_a_manifest_and_reports_agreement(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from worldmesh_worker.exits.train import main
+    from worldmesh_operator.cli import main  # the manifest is read by the operator's CLI
 
     out = tmp_path / "toy-ramps.pt"
     manifest = {
@@ -524,13 +524,13 @@ def test_ramps_train_reads_a_manifest_and_reports_agreement(
     }
     path = tmp_path / "toys.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    assert main(["train", str(path), "--train-rows", "300", "--heldout-rows", "200"]) == 0
+    assert main(["ramps", "train", str(path), "--train-rows", "300", "--heldout-rows", "200"]) == 0
     printed = capsys.readouterr().out
     assert "ramp after block  0: agreement" in printed and "on 200 held-out rows" in printed
     assert sorted(load_ramps(out, ToyModel()).ramps) == [0, 2]
     manifest["spec"]["earlyExits"]["ramps"] = [3]
     path.write_text(yaml.safe_dump(manifest))
-    assert main(["train", str(path)]) == 2
+    assert main(["ramps", "train", str(path)]) == 2
     assert "spec.earlyExits.ramps[0]: 3 is not a ramp site" in capsys.readouterr().err
 
 

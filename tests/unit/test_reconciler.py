@@ -31,11 +31,10 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
+from worldmesh_operator.desired import Desired, DesiredStage
 from worldmesh_operator.reconciler import (
     Action,
     CloseWorld,
-    Desired,
-    DesiredStage,
     DrainWorker,
     Observed,
     ObservedWorker,

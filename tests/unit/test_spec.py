@@ -1,4 +1,4 @@
-"""The ModelDeployment spec (``spec.py``) and its one schema, the CRD file (``validate.py``).
+"""The ModelDeployment spec (``spec.py``) and its one schema, the CRD file (``schema.py``).
 
 Covers:
 - both examples parse, every field lands in its dataclass, and ``worldmesh validate``
@@ -24,7 +24,7 @@ Covers:
   CEL rules as written (the API server does not default inside a default), every CEL rule compiles
   and evaluates on a manifest that sets every field, every ``fieldPath``, printer
   column and scale path exists; any shipped copy of the CRD is byte-equal;
-- ``validate.main``: exit 0/1/2, errors on stderr with the file and field path.
+- ``worldmesh validate`` (``cli``): exit 0/1/2, errors on stderr with the file and field path.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ import pytest
 import yaml
 from celpy import celtypes
 
-from worldmesh_operator import validate
+from worldmesh_operator import cli
+from worldmesh_operator import schema as crd_schema
+from worldmesh_operator.schema import CrdError, CrdSchema, cel_escape, load_schema, to_cel
 from worldmesh_operator.spec import DeploymentSpec, SpecError, parse_spec
-from worldmesh_operator.validate import CrdError, CrdSchema, cel_escape, load_schema, to_cel
 from worldmesh_worker.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -474,8 +475,8 @@ def test_crd_schema_is_structural() -> None:
         if node.get("x-kubernetes-list-type") == "set":
             assert node["items"]["type"] in {"string", "integer", "number", "boolean"}, path
         if "default" in node:
-            jsonschema.validate(node["default"], validate.to_json_schema(node))
-            for value, sub, where in validate.walk(node["default"], node):
+            jsonschema.validate(node["default"], crd_schema.to_json_schema(node))
+            for value, sub, where in crd_schema.walk(node["default"], node):
                 for rule in sub.get("x-kubernetes-validations", []):
                     program = compiled.programs[rule["rule"]]
                     result = program.evaluate({"self": to_cel(value, sub)})
@@ -532,7 +533,7 @@ def test_every_copy_of_the_crd_is_byte_equal() -> None:
     for copy_path in copies:
         if copy_path.exists():
             assert copy_path.read_bytes() == CRD_PATH.read_bytes(), copy_path
-    assert validate.default_crd_path() == CRD_PATH
+    assert crd_schema.default_crd_path() == CRD_PATH
 
 
 def test_a_missing_or_broken_crd_is_a_crd_error(tmp_path: Path) -> None:
@@ -552,7 +553,7 @@ def test_a_missing_or_broken_crd_is_a_crd_error(tmp_path: Path) -> None:
 
 def test_validate_main_ok(capsys: pytest.CaptureFixture[str]) -> None:
     files = [str(EXAMPLES / "efficientnet-fashion.yaml"), str(EXAMPLES / "minilm-reviews.yaml")]
-    assert validate.main(files) == 0
+    assert cli.main(["validate", *files]) == 0
     assert capsys.readouterr().out == "ok: fashion\nok: reviews\n"
 
 
@@ -562,7 +563,7 @@ def test_validate_main_reports_every_error(
     bad = _set(_set(minimal(), "spec.port", 0), "spec.stages[1].name", "a")
     file = tmp_path / "two.yaml"
     file.write_text(yaml.safe_dump_all([minimal(), bad, "text"]))
-    assert validate.main([str(file)]) == 1
+    assert cli.main(["validate", str(file)]) == 1
     out, err = capsys.readouterr()
     assert out == "ok: toy\n"
     assert err.splitlines() == [
@@ -574,10 +575,10 @@ def test_validate_main_reports_every_error(
 
 def test_validate_main_unreadable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = str(EXAMPLES / "minilm-reviews.yaml")
-    assert validate.main([str(tmp_path / "absent.yaml"), good]) == 2
+    assert cli.main(["validate", str(tmp_path / "absent.yaml"), good]) == 2
     assert capsys.readouterr().out == "ok: reviews\n"  # the other files are still checked
     (tmp_path / "bad.yaml").write_text("a: [1,\n")
-    assert validate.main([str(tmp_path / "bad.yaml")]) == 2
+    assert cli.main(["validate", str(tmp_path / "bad.yaml")]) == 2
     (tmp_path / "empty.yaml").write_text("# nothing\n")
-    assert validate.main([str(tmp_path / "empty.yaml")]) == 1
+    assert cli.main(["validate", str(tmp_path / "empty.yaml")]) == 1
     assert "cannot read" in capsys.readouterr().err

@@ -37,7 +37,8 @@ from typing import Any, cast
 
 import aiohttp
 
-from worldmesh_worker.local import ControlClient, WorkerProcess, connect
+from worldmesh_worker.control import ControlClient, connect
+from worldmesh_worker.local import WorkerProcess
 
 from .. import builders
 from ..reconciler import (

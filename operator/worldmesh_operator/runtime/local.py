@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -35,8 +34,10 @@ from typing import Any
 import aiohttp
 import yaml
 
-from worldmesh_worker.local import READY_PREFIX, ControlClient, WorkerProcess, connect
+from worldmesh_worker.control import READY_PREFIX, ControlClient, connect
+from worldmesh_worker.local import WorkerProcess
 
+from ..desired import config_digest
 from ..reconciler import (
     Action,
     CloseWorld,
@@ -390,11 +391,6 @@ class LocalRuntime:
         partial.write_text(json.dumps(targets, indent=1))
         partial.replace(self.targets_path)  # atomic: Prometheus never reads half a file
         self._targets = targets
-
-
-def config_digest(config: dict[str, Any]) -> str:
-    """A stage config's identity: a worker started from another one is outdated."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _stopped(pid: int) -> bool:

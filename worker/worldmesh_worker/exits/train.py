@@ -1,4 +1,4 @@
-"""``worldmesh ramps train MANIFEST|MODEL``: train a model's ramps by distillation.
+"""``worldmesh ramps train MODEL``: train a model's ramps by distillation.
 
 The backbone stays frozen: every training row runs through the full model once, the
 pooled features at every ramp site are kept, and each ramp (one linear layer on them)
@@ -21,10 +21,12 @@ runs each batch only as long as its longest row: the features are the same, and 
 text model's pass is about twice as fast. On 2 cores: 290 s for EfficientNet-Lite0 (30,000
 rows), 65 s for MiniLM-L6 (8,202).
 
-The file is written where the manifest's ``earlyExits.rampsFile`` points, else
-``<cache>/ramps/<model>.pt``; with ``--keep-valid`` a file there that loads for the model
-is kept (``make setup`` trains only what is missing or stale). Exit status 2 on a bad
-argument, manifest or model.
+The file is written to ``--out``, else ``<cache>/ramps/<model>.pt``; with ``--keep-valid``
+a file there that loads for the model is kept (``make setup`` trains only what is missing
+or stale). ``--sites`` picks the ramps (default: the model's candidates), ``--budget`` the
+accuracy budget of the offline thresholds. ``worldmesh ramps train MANIFEST`` (the operator's
+CLI) reads a manifest and passes its model, ``earlyExits.ramps``, ``rampsFile`` and
+``accuracyBudget`` as these. Exit status 2 on a bad argument or model.
 """
 
 from __future__ import annotations
@@ -170,20 +172,6 @@ def train(
     )
 
 
-def _target(arg: str) -> tuple[str, list[int], Path | None, float]:
-    """(model, sites, out, budget) from a manifest path or a model name."""
-    if arg.endswith((".yaml", ".yml", ".json")) or Path(arg).is_file():
-        import yaml
-
-        from worldmesh_operator.spec import parse_spec
-
-        spec = parse_spec(yaml.safe_load(Path(arg).read_text()))
-        exits = spec.early_exits
-        out = Path(exits.ramps_file) if exits.ramps_file else None
-        return spec.model, list(exits.ramps), out, exits.accuracy_budget
-    return arg, [], None, 0.01
-
-
 def _loads(path: Path, model: Any, sites: Sequence[int]) -> bool:
     """Whether ``path`` holds ramps at ``sites`` that load for ``model`` (this format)."""
     try:
@@ -191,6 +179,15 @@ def _loads(path: Path, model: Any, sites: Sequence[int]) -> bool:
     except RampFileError:
         return False
     return True
+
+
+def _sites(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of block indices: {text!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the ramps of a manifest's model (or a model name)")
-    p.add_argument("target", help="a ModelDeployment manifest, or a model name")
+    p.add_argument("model", help="a model name (worldmesh ramps train also takes a manifest)")
     p.add_argument("--out", default=None, help="the ramps file (default: see above)")
+    p.add_argument("--sites", type=_sites, default=[], help="ramp sites, e.g. 2,4 (default: all)")
+    p.add_argument("--budget", type=float, default=0.01, help="accuracy budget (default 0.01)")
     p.add_argument("--train-rows", type=int, default=30000)
     p.add_argument("--heldout-rows", type=int, default=2000)
     p.add_argument(
@@ -216,14 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     from worldmesh_worker.models import ModelNotPrepared, load_model
 
     try:
-        name, sites, out, budget = _target(args.target)
-        model = load_model(name, cache=args.cache)
-        sites = sites or candidate_sites(model)
-        path = Path(args.out) if args.out else out or ramps_path(model.name, args.cache)
+        model = load_model(args.model, cache=args.cache)
+        sites = args.sites or candidate_sites(model)
+        path = Path(args.out) if args.out else ramps_path(model.name, args.cache)
         if args.keep_valid and _loads(path, model, sites):
             print(f"{path}: ramps for {model.name} are up to date")
             return 0
-        ramps = train(model, sites, args.train_rows, args.heldout_rows, budget)
+        ramps = train(model, sites, args.train_rows, args.heldout_rows, args.budget)
     except (ValueError, OSError, ModelNotPrepared) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -235,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             f"on {ramps.meta['heldout_rows']} held-out rows, threshold {i.threshold:.4g}"
         )
     print(
-        f"shared offline threshold {ramps.threshold:.4g} (budget {budget:g}); "
+        f"shared offline threshold {ramps.threshold:.4g} (budget {args.budget:g}); "
         f"trained on {ramps.meta['train_rows']} rows in {ramps.meta['seconds']:.1f} s -> {path}"
     )
     return 0

@@ -1,4 +1,4 @@
-"""Checking a ModelDeployment manifest against the CRD file, and ``worldmesh validate``.
+"""Checking a ModelDeployment manifest against the CRD file (``worldmesh validate`` is in ``cli``).
 
 The CRD YAML (``crds/modeldeployment.yaml``) is the one schema: ``CrdSchema`` reads it at
 run time and checks a manifest the way the API server (with kubectl's strict field
@@ -21,14 +21,12 @@ A CRD file that cannot be read or whose rules do not compile is a ``CrdError``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import importlib.resources
 import itertools
 import json
 import re
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,42 +372,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``worldmesh validate FILE...``: 0 when every document is valid, 1 when one is not,
-    2 when a file cannot be read or parsed as YAML."""
-    from .spec import parse_spec  # spec imports this module: import it only when run
-
-    parser = argparse.ArgumentParser(prog="worldmesh validate", description=main.__doc__)
-    parser.add_argument(
-        "manifests", nargs="+", type=Path, help="YAML files, one or more documents each"
-    )
-    args = parser.parse_args(argv)
-    status = 0
-    for file in args.manifests:
-        try:
-            documents = [d for d in yaml.safe_load_all(file.read_text()) if d is not None]
-        except (OSError, yaml.YAMLError) as exc:
-            print(f"{file}: cannot read: {exc}", file=sys.stderr)
-            status = 2
-            continue
-        if not documents:
-            print(f"{file}: no document", file=sys.stderr)
-            status = max(status, 1)
-        for n, document in enumerate(documents, 1):
-            try:
-                spec = parse_spec(document)
-            except CrdError as exc:
-                print(f"worldmesh validate: {exc}", file=sys.stderr)
-                return 2
-            except SpecError as exc:
-                meta = document.get("metadata") if isinstance(document, dict) else None
-                name = meta.get("name") if isinstance(meta, dict) else None
-                label = f"{file}: {name}" if isinstance(name, str) else f"{file}: document {n}"
-                for error in exc.errors:
-                    print(f"{label}: {error}", file=sys.stderr)
-                status = max(status, 1)
-            else:
-                print(f"ok: {spec.name}")
-    return status
