@@ -41,8 +41,8 @@ from worldmesh_operator.metrics_source import DirectScrape, local_targets
 from worldmesh_operator.run import LocalDeployment
 from worldmesh_operator.scaling import Autoscaler, StageLoad
 from worldmesh_operator.spec import AutoscalingSpec, ScaleLimit
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.loadgen import toy_request
-from worldmesh_worker.local import wait_until
 
 OBJECTIVE_S = 0.5
 WINDOW_S = 10

@@ -24,8 +24,8 @@ from common import Figure, median
 
 from worldmesh_operator.reconciler import WorkerState
 from worldmesh_operator.run import LocalDeployment
+from worldmesh_worker.control import READY_PREFIX, wait_until
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
-from worldmesh_worker.local import READY_PREFIX, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "efficientnet-fashion.yaml"

@@ -47,9 +47,10 @@ import numpy as np
 import torch
 from common import Figure, median, percentile
 
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.data import fashion_mnist
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
-from worldmesh_worker.local import LocalPipeline, WorkerProcess, wait_until
+from worldmesh_worker.local import LocalPipeline, WorkerProcess
 from worldmesh_worker.models import load_model
 
 JOIN = "new worker serving, after its process is ready"

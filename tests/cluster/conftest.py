@@ -29,7 +29,7 @@ import pytest
 
 from worldmesh_operator import handlers  # noqa: F401  (registers the handlers)
 from worldmesh_operator.runtime.kube_client import KubeClient, NotFound
-from worldmesh_worker.local import wait_until
+from worldmesh_worker.control import wait_until
 
 from .controlplane import NODE_NAME, ControlPlane, assets
 from .kubelet import Kubelet

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from worldmesh_operator.runtime.kube_client import KubeClient, NotFound
-from worldmesh_worker.local import wait_until
+from worldmesh_worker.control import wait_until
 
 
 async def create_namespace(api: KubeClient, name: str, timeout_s: float = 30) -> None:

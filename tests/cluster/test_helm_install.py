@@ -38,9 +38,9 @@ import yaml
 from worldmesh_operator import handlers
 from worldmesh_operator.load import samples
 from worldmesh_operator.runtime.kube_client import KubeClient, NotFound
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.exits.ramps import ramps_path
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
-from worldmesh_worker.local import wait_until
 
 from .conftest import MD, ROOT, Kubectl, delete_deployments
 from .controlplane import ControlPlane

@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 
 from worldmesh_operator.runtime.kube_client import KubeClient, NotFound
-from worldmesh_worker.local import wait_until
+from worldmesh_worker.control import wait_until
 
 from .conftest import Kubectl
 from .controlplane import NODE_NAME, ControlPlane

@@ -26,7 +26,7 @@ import pytest
 
 from worldmesh_operator import builders
 from worldmesh_operator.runtime.kube_client import ApiError, KubeClient, NotFound
-from worldmesh_worker.local import wait_until
+from worldmesh_worker.control import wait_until
 
 from .conftest import MD
 

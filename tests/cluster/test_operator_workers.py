@@ -28,8 +28,8 @@ import kopf
 
 from worldmesh_operator import builders
 from worldmesh_operator.runtime.kube_client import KubeClient
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
-from worldmesh_worker.local import wait_until
 
 from .conftest import MD
 from .kubelet import Kubelet

@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from worldmesh_worker.local import wait_until
+from worldmesh_worker.control import wait_until
 
 SCRAPE_INTERVAL_S = 0.5
 

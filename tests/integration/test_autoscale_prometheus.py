@@ -24,8 +24,8 @@ import yaml
 
 from worldmesh_operator.reconciler import WorkerState
 from worldmesh_operator.run import LocalDeployment
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.loadgen import LoadResult, toy_request
-from worldmesh_worker.local import wait_until
 
 from .prometheus import SCRAPE_INTERVAL_S, running_prometheus
 

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.exits.ramps import save_ramps
 from worldmesh_worker.exits.train import train
 from worldmesh_worker.loadgen import toy_request
-from worldmesh_worker.local import LocalPipeline, wait_until
+from worldmesh_worker.local import LocalPipeline
 from worldmesh_worker.models import toy
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import pytest
 
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
-from worldmesh_worker.local import LocalPipeline, wait_until
+from worldmesh_worker.local import LocalPipeline
 
 # toy-slow sleeps per block, so rows spend long enough inside a worker to be caught there.
 SLOW = {"WORLDMESH_TOY_BLOCK_DELAY_S": "0.02"}

@@ -43,7 +43,8 @@ import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from worldmesh_worker.local import LocalPipeline, WorkerProcess, wait_until
+from worldmesh_worker.control import wait_until
+from worldmesh_worker.local import LocalPipeline, WorkerProcess
 from worldmesh_worker.models.toy import reference
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -31,8 +31,8 @@ import yaml
 
 from worldmesh_operator.reconciler import WorkerState
 from worldmesh_operator.run import LocalDeployment
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
-from worldmesh_worker.local import wait_until
 
 MANIFEST = {
     "apiVersion": "worldmesh.io/v1alpha1",

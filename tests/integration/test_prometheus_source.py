@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from worldmesh_operator.metrics_source import PrometheusSource
-from worldmesh_worker.local import wait_until
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.metrics import WorkerMetrics
 
 from .prometheus import free_port, running_prometheus

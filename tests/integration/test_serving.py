@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
-from worldmesh_worker.local import LocalPipeline, wait_until
+from worldmesh_worker.local import LocalPipeline
 
 SLOW = {"WORLDMESH_TOY_BLOCK_DELAY_S": "0.02"}
 

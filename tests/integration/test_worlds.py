@@ -21,8 +21,9 @@ import time
 import pytest
 import torch
 
+from worldmesh_worker.control import wait_until
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
-from worldmesh_worker.local import LocalPipeline, wait_until
+from worldmesh_worker.local import LocalPipeline
 from worldmesh_worker.worlds import Message, MessageKind, WorldManager, WorldOptions
 from worldmesh_worker.worlds.wire import HEADER_LEN, MAGIC
 

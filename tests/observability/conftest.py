@@ -37,7 +37,8 @@ import yaml
 
 from worldmesh_operator.metrics import ControlMetrics, bound_port
 from worldmesh_operator.scaling import Decision
-from worldmesh_worker.local import LocalPipeline, wait_until
+from worldmesh_worker.control import wait_until
+from worldmesh_worker.local import LocalPipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "helm" / "worldmesh" / "rules" / "worldmesh.rules.yaml"

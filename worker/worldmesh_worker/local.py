@@ -1,9 +1,8 @@
-"""Stage workers as local processes, and the calls that wire them: the data plane's harness.
+"""Stage workers as local processes: the data plane's harness, without the operator.
 
-``ControlClient`` speaks a worker's control API; ``connect`` opens the world between two
-workers (host first, then join, as ``worlds.manager`` explains). ``LocalPipeline`` starts
-worker processes (ports chosen by the OS), wires every pair of neighbouring stages, and can
-kill, freeze, add and drain workers: what the demo, the tests and the benchmarks drive.
+``LocalPipeline`` starts worker processes (ports chosen by the OS), wires every pair of
+neighbouring stages through their control APIs (``control.connect``), and can kill, freeze,
+add and drain workers: what the demo, the tests and the benchmarks drive.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,48 +24,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-READY_PREFIX = "WORLDMESH_READY "
-
-
-class ControlError(RuntimeError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"control API answered {status}: {message}")
-        self.status = status
-
-
-class ControlClient:
-    def __init__(self, session: aiohttp.ClientSession, url: str, token: str) -> None:
-        self.url = url.rstrip("/")
-        self._session = session
-        self._headers = {"Authorization": f"Bearer {token}"}
-
-    async def call(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
-        async with self._session.request(
-            method,
-            self.url + path,
-            json=body,
-            headers=self._headers,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as response:
-            data = await response.json(content_type=None)
-            if response.status >= 400:
-                raise ControlError(response.status, data.get("error", "") if data else "")
-            return data
-
-    async def status(self) -> dict[str, Any]:
-        return await self.call("GET", "/v1/status")
-
-    async def worlds(self) -> list[dict[str, Any]]:
-        return (await self.call("GET", "/v1/worlds"))["worlds"]
-
-    async def open_world(self, **body: Any) -> dict[str, Any]:
-        return await self.call("POST", "/v1/worlds", body)
-
-    async def close_world(self, name: str) -> None:
-        await self.call("DELETE", f"/v1/worlds/{name}")
-
-    async def drain(self, wait: float = 0.0) -> dict[str, Any]:
-        return await self.call("POST", f"/v1/drain?wait={wait}", timeout=wait + 30)
+from .control import READY_PREFIX, ControlClient, connect, wait_until
 
 
 @dataclass
@@ -88,47 +45,6 @@ class WorkerProcess:
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
-
-
-async def connect(a: WorkerProcess, b: WorkerProcess, timeout: float = 15.0) -> str:
-    """Open the world between ``a`` and ``b`` (neighbouring stages); return its name."""
-    host, joiner = (a, b) if a.worker < b.worker else (b, a)
-    hosted = await host.control.open_world(
-        peer=joiner.worker, peerStage=joiner.stage, peerDevice=joiner.device
-    )
-    if hosted["state"] == "ready":
-        return hosted["name"]
-    await joiner.control.open_world(
-        peer=host.worker,
-        peerStage=host.stage,
-        peerDevice=host.device,
-        store=hosted["store"],
-        heartbeat=hosted["heartbeat"],
-    )
-    await wait_until(lambda: _world_state(host, hosted["name"]), timeout, f"world {hosted['name']}")
-    return hosted["name"]
-
-
-async def _world_state(worker: WorkerProcess, name: str) -> bool:
-    worlds = {w["name"]: w for w in await worker.control.worlds()}
-    state = worlds.get(name, {}).get("state")
-    if state == "broken":
-        raise ControlError(502, f"world {name} broke while opening: {worlds[name].get('reason')}")
-    return state == "ready"
-
-
-async def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.01) -> Any:
-    """Poll ``condition`` (sync or async) until truthy; TimeoutError naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:g} s")
-        await asyncio.sleep(interval)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .config import ConfigError, WorkerConfig, load_config
+from .control import READY_PREFIX
 from .metrics import WorkerMetrics
 from .server import ControlApp, InferenceApp
 from .stage import Stage
@@ -52,7 +53,7 @@ async def serve(config: WorkerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print("WORLDMESH_READY " + json.dumps(ports), flush=True)
+    print(READY_PREFIX + json.dumps(ports), flush=True)
     log.info(
         "worker %s (stage %d) serving on %s %s", config.worker, config.stage, config.host, ports
     )
