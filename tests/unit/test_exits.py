@@ -68,12 +68,14 @@ from worldmesh_worker.exits.ramps import (
     save_ramps,
 )
 from worldmesh_worker.exits.sites import BUILTIN_BLOCKS
+from worldmesh_worker.exits.stage import exit_problem
 from worldmesh_worker.exits.train import features, train
+from worldmesh_worker.front import Front
 from worldmesh_worker.metrics import WorkerMetrics
 from worldmesh_worker.models.heads import train_linear_head
 from worldmesh_worker.models.toy import ToyModel
 from worldmesh_worker.protocol import TensorSpec
-from worldmesh_worker.stage import Stage, exit_problem
+from worldmesh_worker.stage import Stage
 from worldmesh_worker.worlds import Message, MessageKind
 
 ROOT = Path(__file__).parents[2]
@@ -890,51 +892,54 @@ def _confident(rows: int, sure: list[bool]) -> torch.Tensor:
     return logits
 
 
-async def _submitted(stage: Stage, task: asyncio.Task, n: int) -> list[int]:
-    while len(stage.requests) < n and not task.done():
+async def _submitted(front: Front, task: asyncio.Task, n: int) -> list[int]:
+    while len(front.requests) < n and not task.done():
         await asyncio.sleep(0)
-    return sorted(stage.requests)
+    return sorted(front.requests)
 
 
 async def test_a_partly_confident_request_is_not_an_early_exit(toy_ramps: Path) -> None:
-    stage = make_stage(toy_ramps, threshold=0.5)
+    front = make_stage(toy_ramps, threshold=0.5).front
+    assert front is not None and front.controller is not None
     x = np.zeros((2, 16), dtype=np.float32)
-    task = asyncio.create_task(stage.answer({"x": x}))
-    rows = await _submitted(stage, task, 2)
-    stage._ramp_answer(rows, 0, _confident(2, [True, False]), 0.001)
-    assert stage.exits is not None and stage.exits.status()["ramps"][0]["exits"] == 0
-    assert not task.done() and stage._running_on == 0
-    stage._ramp_answer(rows, 0, _confident(2, [False, True]), 0.001)  # now both answered
+    task = asyncio.create_task(front.answer({"x": x}))
+    rows = await _submitted(front, task, 2)
+    front.ramp_answer(rows, 0, _confident(2, [True, False]), 0.001)
+    assert front.controller.status()["ramps"][0]["exits"] == 0
+    assert not task.done() and front._running_on == 0
+    front.ramp_answer(rows, 0, _confident(2, [False, True]), 0.001)  # now both answered
     _, exit_ = await task
-    assert exit_ == 0 and stage.exits.status()["ramps"][0]["exits"] == 1
-    assert stage._running_on == 2  # released rows run on to the last stage
+    assert exit_ == 0 and front.controller.status()["ramps"][0]["exits"] == 1
+    assert front._running_on == 2  # released rows run on to the last stage
 
 
 async def test_back_pressure_is_bounded_rechecked_and_never_leaks(toy_ramps: Path) -> None:
     stage = make_stage(toy_ramps, limits={"requestTimeoutSeconds": 0.1}, threshold=0.5)
+    front = stage.front
+    assert front is not None
     x = np.zeros((1, 16), dtype=np.float32)
     # a handler cancelled after its request was released gives the room back
-    task = asyncio.create_task(stage.answer({"x": x}))
-    rows = await _submitted(stage, task, 1)
-    stage._ramp_answer(rows, 0, _confident(1, [True]), 0.001)
-    assert stage._running_on == 1
+    task = asyncio.create_task(front.answer({"x": x}))
+    rows = await _submitted(front, task, 1)
+    front.ramp_answer(rows, 0, _confident(1, [True]), 0.001)
+    assert front._running_on == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert stage._running_on == 0 and not stage.requests
+    assert front._running_on == 0 and not front.requests
     # a full pipeline: a waiting request is refused once the worker drains
-    stage._running_on = stage._running_on_limit
-    task = asyncio.create_task(stage.answer({"x": x}))
-    while not stage._room._waiters:
+    front._running_on = front._running_on_limit
+    task = asyncio.create_task(front.answer({"x": x}))
+    while not front._room._waiters:
         await asyncio.sleep(0)
     stage.drain()
     with pytest.raises(ServiceUnavailable, match="draining"):
         await task
     # and the wait is bounded by the request timeout
-    stage.draining = False
+    stage.peers.draining = False
     with pytest.raises(ServiceUnavailable, match=r"no room within 0.1 s"):
-        await stage.answer({"x": x})
-    assert not stage.requests
+        await front.answer({"x": x})
+    assert not front.requests
 
 
 async def test_a_malformed_exit_message_breaks_its_world_untouched(toy_ramps: Path) -> None:
@@ -958,10 +963,11 @@ async def test_a_malformed_exit_message_breaks_its_world_untouched(toy_ramps: Pa
     }
     for reason, msg in bad.items():
         world = FakeWorld()
-        stage._on_exit(world, msg)
+        stage.exits.on_exit(world, msg)
         assert len(world.broken) == 1 and reason in world.broken[0], (reason, world.broken)
         assert world.broken[0].startswith("EXIT message ")
-    assert stage.exits is not None and all(c is None for c in stage.exits.cost.values())
+    controller = stage.exits.controller
+    assert controller is not None and all(c is None for c in controller.cost.values())
 
 
 async def test_a_later_stage_runs_every_ramp_its_fronts_ask_for(toy_ramps: Path) -> None:
@@ -972,22 +978,23 @@ async def test_a_later_stage_runs_every_ramp_its_fronts_ask_for(toy_ramps: Path)
     raw = {"deployment": "d", "worker": "w1", "stage": 1, "splitPoints": [1], "model": "toy"}
     config = parse_config({**raw, "earlyExits": early}, env={})
     stage = Stage(config, ToyModel(), WorkerMetrics(CollectorRegistry(), "d", 1, "w1"))
-    assert stage.exits is None and sorted(stage.ramps) == [1, 2]  # block 0 is the front's
+    assert stage.front is None and stage.exits.controller is None
+    assert sorted(stage.exits.ramps) == [1, 2]  # block 0 is the front's
     front_a, front_b = FakeWorld("a"), FakeWorld("b")
-    stage.roles.update(a="up", b="up")
+    stage.peers.roles.update(a="up", b="up")
 
     def ask(world: FakeWorld, ramps: list[int]) -> None:
         stage._on_message(world, Message(MessageKind.CONTROL, (), (), {"ramps": ramps}))
 
     ask(front_a, [0, 1])
-    assert stage.ramp_active == {0, 1}
+    assert stage.exits.active == {0, 1}
     ask(front_b, [2])
-    assert stage.ramp_active == {0, 1, 2}
+    assert stage.exits.active == {0, 1, 2}
     ask(front_a, [0])
-    assert stage.ramp_active == {0, 2}  # b still wants ramp 2
+    assert stage.exits.active == {0, 2}  # b still wants ramp 2
     stage.manager.worlds.pop("a", None)
     stage._on_world_down(front_a)  # front a is gone: only b's ramps are left
-    assert stage.ramp_active == {2}
+    assert stage.exits.active == {2}
     assert not front_a.broken and not front_b.broken
     await stage.stop()
 

@@ -134,7 +134,8 @@ class InferenceApp:
         code = 500
         try:
             self._check_model(request)
-            if not self.stage.config.is_front:
+            front = self.stage.front
+            if front is None:
                 raise ModelNotFound(
                     f"this worker runs stage {self.stage.config.stage}; send requests to stage 0"
                 )
@@ -148,10 +149,10 @@ class InferenceApp:
             if not isinstance(early, bool):
                 raise InvalidInput(f"parameters.early_exit: expected a boolean, got {early!r}")
             inputs = {i.name: i.data for i in req.inputs}
-            outputs, exit_ = await self.stage.answer(inputs, early)
+            outputs, exit_ = await front.answer(inputs, early)
             # which exit answered: a ramp's block index, or "final" (only with early exits on)
             params = None
-            if self.stage.exits is not None:
+            if front.controller is not None:
                 params = {"exit": "final" if exit_ is None else exit_}
             payload, headers = await asyncio.to_thread(
                 encode_infer_response, self.name, MODEL_VERSION, req, outputs, params
@@ -202,7 +203,7 @@ class ControlApp:
         return web.json_response(self.stage.status())
 
     async def ramps(self, request: web.Request) -> web.Response:
-        return web.json_response(self.stage.exits_status())
+        return web.json_response(self.stage.exits.status())
 
     async def worlds(self, request: web.Request) -> web.Response:
         return web.json_response({"worlds": self.stage.status()["worlds"]})
@@ -224,7 +225,7 @@ class ControlApp:
         if unknown:
             raise InvalidInput(f"{sorted(unknown)[0]}: unknown field")
         try:
-            info = await self.stage.open_world(peer, peer_stage, **kwargs)
+            info = await self.stage.peers.open_world(peer, peer_stage, **kwargs)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         except WorldBroken as exc:
@@ -233,7 +234,7 @@ class ControlApp:
 
     async def close_world(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if not await self.stage.close_world(name):
+        if not await self.stage.peers.close_world(name):
             return web.json_response({"error": f"no world {name!r}"}, status=404)
         return web.json_response({"closed": name})
 
