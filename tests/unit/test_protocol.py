@@ -17,14 +17,17 @@ import pytest
 import tritonclient.http as triton
 
 from worldmesh_worker.errors import (
+    InternalError,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
     Overloaded,
     PayloadTooLarge,
+    PeerFailed,
     ServiceUnavailable,
     Unauthorized,
     WorldmeshError,
+    WorldNotFound,
     error_body,
 )
 from worldmesh_worker.protocol import (
@@ -97,10 +100,13 @@ def test_errors_map_to_statuses_once() -> None:
         InvalidInput: 400,
         Unauthorized: 401,
         ModelNotFound: 404,
+        WorldNotFound: 404,
         PayloadTooLarge: 413,
         Overloaded: 429,
         ServiceUnavailable: 503,
         ModelNotReady: 503,
+        InternalError: 500,
+        PeerFailed: 502,
     }
     for cls, status in table.items():
         exc = cls("what is wrong")

@@ -1,4 +1,4 @@
-"""Errors of the worker's front stage, each mapped to one HTTP status here and nowhere else.
+"""Errors the worker's HTTP servers answer, each mapped to one HTTP status here and nowhere else.
 
 Behaviours:
 - every error carries a message that names what is wrong (``InvalidInput`` names the
@@ -14,13 +14,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "InternalError",
     "InvalidInput",
     "ModelNotFound",
     "ModelNotReady",
     "Overloaded",
     "PayloadTooLarge",
+    "PeerFailed",
     "ServiceUnavailable",
     "Unauthorized",
+    "WorldNotFound",
     "WorldmeshError",
     "error_body",
 ]
@@ -60,6 +63,12 @@ class ModelNotFound(WorldmeshError):
     status = 404
 
 
+class WorldNotFound(WorldmeshError):
+    """The control API names a world this worker does not have."""
+
+    status = 404
+
+
 class PayloadTooLarge(WorldmeshError):
     """The request body exceeds the configured limit."""
 
@@ -82,6 +91,18 @@ class ModelNotReady(WorldmeshError):
     """The model is known but not loaded or not wired to its peers yet."""
 
     status = 503
+
+
+class InternalError(WorldmeshError):
+    """A bug: an unexpected exception, logged by the worker; the message says no more."""
+
+    status = 500
+
+
+class PeerFailed(WorldmeshError):
+    """Opening a world to a peer worker failed (unreachable, timed out, or refused)."""
+
+    status = 502
 
 
 def error_body(exc: WorldmeshError) -> dict[str, str]:

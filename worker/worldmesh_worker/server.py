@@ -33,11 +33,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
 from .errors import (
+    InternalError,
     InvalidInput,
     ModelNotFound,
     PayloadTooLarge,
+    PeerFailed,
     Unauthorized,
     WorldmeshError,
+    WorldNotFound,
     error_body,
 )
 from .protocol import decode_infer_request, encode_infer_response, model_metadata, server_metadata
@@ -67,11 +70,13 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        # aiohttp's own answers (an unknown route, a wrong method with its Allow header):
+        # their status and headers are aiohttp's; only the body is made ours
         headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
         return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
-        return web.json_response({"error": "internal error (logged by the worker)"}, status=500)
+        return _error(InternalError("internal error (logged by the worker)"))
 
 
 class InferenceApp:
@@ -229,13 +234,13 @@ class ControlApp:
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         except WorldBroken as exc:
-            return web.json_response({"error": str(exc)}, status=502)
+            raise PeerFailed(str(exc)) from None
         return web.json_response(info)
 
     async def close_world(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if not await self.stage.peers.close_world(name):
-            return web.json_response({"error": f"no world {name!r}"}, status=404)
+            raise WorldNotFound(f"no world {name!r}")
         return web.json_response({"closed": name})
 
     async def drain(self, request: web.Request) -> web.Response:
