@@ -37,7 +37,7 @@ import aiohttp
 import yaml
 from common import RESULTS, Figure, percentile
 
-from worldmesh_operator.metrics_source import DirectScrape, local_targets
+from worldmesh_operator.metrics_source import DirectScrape
 from worldmesh_operator.run import LocalDeployment
 from worldmesh_operator.scaling import Autoscaler, StageLoad
 from worldmesh_operator.spec import AutoscalingSpec, ScaleLimit
@@ -132,7 +132,7 @@ async def pipeline_hpa(deployment: LocalDeployment, run: Run, t0: float) -> None
         scale_down_stabilization_seconds=WINDOW_S,
         scale_down_limit=ScaleLimit(1, 5),
     )
-    scaler, source = Autoscaler(policy), DirectScrape(lambda: local_targets(deployment.runtime))
+    scaler, source = Autoscaler(policy), DirectScrape(deployment.runtime.targets)
     count = 1
     while True:
         await asyncio.sleep(1.0)

@@ -1,27 +1,27 @@
-"""The kopf handlers: Kubernetes events in, the reconciler's actions out, through a runtime.
+"""The kopf handlers: Kubernetes events in, one control step (``loop.ControlLoop``) out.
 
-- startup: our finalizer, progress and diff-base annotations under ``worldmesh.io``; the
-  API client and the worker image go in ``memo`` unless a test put its own there. Peering
-  comes from the command line (the chart passes ``--peering`` and ``--priority``); replicas
-  of one priority are told apart by their pod's name, so exactly one of them acts.
+- startup: the settings, read once from the environment (``settings.py``; a test may put
+  its own in ``memo.settings``); our finalizer, progress and diff-base annotations under
+  ``worldmesh.io``; the API client in ``memo`` unless a test put its own there. Peering
+  comes from the command line (the chart passes ``--peering`` and ``--priority``);
+  replicas of one priority are told apart by their pod's name, so exactly one of them acts.
 - create/update/resume: parse the spec (a ``SpecError`` sets Degraded/InvalidSpec and is
   a ``kopf.PermanentError``: this deployment waits for a new spec, others go on), make
-  sure the Secret and Services exist, and run one reconcile step.
-- a timer every ``RECONCILE_INTERVAL_S``: observe -> plan -> apply, then the status
-  (conditions, counts, endpoint, /scale fields) and an Event per scale, start, drain
-  and replacement. Level-based: a restarted operator adopts the pods it finds.
+  sure the Secret and Services exist, and run one control step.
+- a timer every ``RECONCILE_INTERVAL_S``: one control step (scale, observe, plan, apply),
+  then the status (conditions, counts, endpoint, /scale fields, the autoscaler's memory)
+  and an Event per scale, start, drain and replacement. Level-based: a restarted operator
+  adopts the pods it finds.
 - delete: drain every worker, delete the pods, then the Services and the Secret.
 - pod events: a failed worker pod is a Warning Event on its ModelDeployment.
 
-No scheduling or wiring logic lives here: that is ``reconciler.plan``.
+No scheduling or wiring logic lives here: that is ``reconciler.plan``, driven by ``loop``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import os
-import secrets
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,16 +30,13 @@ import kopf
 
 from . import autoscaling, builders
 from .builders import GROUP, PLURAL, VERSION
-from .desired import desired_of
-from .reconciler import Action, DrainWorker, StartWorker, StopWorker, WorkerState, plan, summarize
+from .loop import ControlLoop, Step
+from .reconciler import Action, DrainWorker, StartWorker, StopWorker, WorkerState
 from .runtime.kube_client import KubeClient
 from .runtime.kubernetes import KubernetesRuntime
+from .settings import RECONCILE_INTERVAL_S, Settings, SettingsError
 from .spec import DeploymentSpec, SpecError, parse_spec
 
-#: One reconcile step a second: a dead worker is replaced, a new one wired, within a step
-#: or two (each step lists the deployment's pods and asks each worker for its status).
-RECONCILE_INTERVAL_S = 1.0
-DEFAULT_IMAGE = "worldmesh/worldmesh-worker:0.1.0"
 PRIORITY_SPREAD = 100_000  #: tie-breakers between replicas of one priority
 
 
@@ -47,17 +44,27 @@ PRIORITY_SPREAD = 100_000  #: tie-breakers between replicas of one priority
 class Managed:
     """What the operator holds for one ModelDeployment (in ``memo.deployments``)."""
 
-    spec: DeploymentSpec
+    loop: ControlLoop
     runtime: KubernetesRuntime
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ensured: bool = False
-    scaling: autoscaling.DeploymentScaling = field(default_factory=autoscaling.DeploymentScaling)
+    restored: bool = False  #: the autoscaler's memory was read back from the status
     workers: dict[int, int] = field(default_factory=dict)  #: desired per stage, last step
     last_failure: str = ""  #: a worker failure seen by a recent step, until Ready
+
+    @property
+    def spec(self) -> DeploymentSpec:
+        return self.loop.spec
 
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    if "settings" not in memo:
+        try:
+            memo.settings = Settings.from_env()
+        except SettingsError as exc:  # the chart's values are wrong: nothing can start
+            raise kopf.PermanentError(str(exc)) from None
+    ours: Settings = memo.settings
     settings.persistence.finalizer = "worldmesh.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="worldmesh.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -66,15 +73,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # The replicas of one Deployment share ``--priority``, and kopf pauses every operator
     # that a live peer's priority ties: none would act. The pod's name breaks the tie and
     # keeps the order of different ``--priority`` values (the highest still wins).
-    pod = os.environ.get("WORLDMESH_OPERATOR_POD")
-    if pod and not settings.peering.standalone:
-        tie_breaker = zlib.crc32(pod.encode()) % PRIORITY_SPREAD
+    if ours.pod_name and not settings.peering.standalone:
+        tie_breaker = zlib.crc32(ours.pod_name.encode()) % PRIORITY_SPREAD
         settings.peering.priority = settings.peering.priority * PRIORITY_SPREAD + tie_breaker
     if "api" not in memo:  # in-cluster, else the kubeconfig (``memo.kubeconfig`` or kubectl's)
         memo.api = await KubeClient.connect(memo.get("kubeconfig"))
-    memo.setdefault("image", os.environ.get("WORLDMESH_WORKER_IMAGE", DEFAULT_IMAGE))
     memo.setdefault("deployments", {})
-    await autoscaling.configure(memo)  # control metrics (and their server), Prometheus URL
+    await autoscaling.configure(memo, ours)  # the control metrics (and their server)
 
 
 @kopf.on.cleanup()
@@ -113,11 +118,9 @@ async def delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if managed is None:
         return  # never valid: it owns nothing
     async with managed.lock:
-        observed = await managed.runtime.observe()
-        actions = plan(desired_of(managed.spec, {}, deleted=True), observed, _new_id(managed))
-        await managed.runtime.apply(actions)
-        if observed.workers:
-            raise kopf.TemporaryError(f"{len(observed.workers)} workers draining", delay=1)
+        step = await managed.loop.step(deleted=True)
+        if step.observed.workers:
+            raise kopf.TemporaryError(f"{len(step.observed.workers)} workers draining", delay=1)
         await managed.runtime.delete_objects()
         await managed.runtime.close()
     memo.deployments.pop(key, None)
@@ -175,59 +178,64 @@ def _managed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> Managed | N
             "kind": body["kind"],
             "metadata": dict(body.metadata),
         }
-        runtime = KubernetesRuntime(memo.api, lambda: memo.deployments[key].spec, owner, memo.image)
-        scaling = autoscaling.DeploymentScaling(memo)
-        managed = memo.deployments[key] = Managed(spec, runtime, scaling=scaling)
-    managed.spec = spec
+        settings: Settings = memo.settings
+        runtime = KubernetesRuntime(
+            memo.api,
+            lambda: memo.deployments[key].spec,
+            owner,
+            settings.worker_image,
+            pull_policy=settings.worker_image_pull_policy,
+        )
+        source = autoscaling.metrics_source(spec, runtime, settings)
+        loop = ControlLoop(spec, runtime, source, memo.metrics)
+        managed = memo.deployments[key] = Managed(loop, runtime)
+    managed.loop.spec = spec
     return managed
 
 
 async def _step(
     managed: Managed, body: kopf.Body, patch: kopf.Patch, generation: int | None
 ) -> None:
+    previous = body.get("status", {})
     async with managed.lock:
         if not managed.ensured:
             await managed.runtime.ensure_objects()
             managed.ensured = True
-        wishes = await managed.scaling.tick(managed.spec, managed.runtime, body)
-        desired = desired_of(managed.spec, wishes)
-        _announce_scale(body, managed, {s.index: s.workers for s in desired.stages})
-        observed = await managed.runtime.observe()
-        actions = plan(desired, observed, _new_id(managed))
-        dead = {w.id for w in observed.workers if w.state is WorkerState.DEAD}
-        failures = list(managed.runtime.failures)  # this observation's (a step may follow)
-        errors = await managed.runtime.apply(actions)
-    for action in actions:
-        _announce(body, action, dead, failures)
-    for error in errors:
-        kopf.warn(body, reason="ActionFailed", message=error)
+        policy = managed.spec.autoscaling
+        if policy.enabled and not managed.restored:
+            autoscaling.restore(managed.loop.scaling, policy, previous.get("autoscaler") or {})
+            managed.restored = True
+        step = await managed.loop.step()
+    _announce_step(body, managed, step)
     workers: dict[int, list[str]] = {}
-    for w in observed.workers:
+    for w in step.observed.workers:
         if w.state in (WorkerState.STARTING, WorkerState.READY):
             workers.setdefault(w.stage, []).append(w.id)
-    summary = summarize(desired, observed)
+    summary = dict(step.summary)
     # A crash loop alternates Degraded and Pending: keep saying why until Ready.
-    managed.last_failure = (failures or [managed.last_failure])[-1]
+    managed.last_failure = (step.failures or [managed.last_failure])[-1]
     if summary["phase"] == "Ready":
         managed.last_failure = ""
     elif managed.last_failure:
         summary["reason"] += f"; last failure: {managed.last_failure}"
-    status = builders.build_status(
-        managed.spec,
-        summary,
-        workers,
-        generation,
-        body.get("status", {}).get("conditions", []),
-        _now(),
-    )
-    managed.scaling.report(
-        status, managed.spec, summary, body.get("status", {}).get("conditions", []), _now()
-    )
+    conditions = previous.get("conditions", [])
+    status = builders.build_status(managed.spec, summary, workers, generation, conditions, _now())
+    autoscaling.report(status, managed.loop.scaling, managed.spec, conditions, _now())
     if managed.runtime.early_exits:
         status["earlyExits"] = builders.build_early_exit_status(managed.runtime.early_exits)
-    current = {k: body.get("status", {}).get(k) for k in status}
+    current = {k: previous.get(k) for k in status}
     if current != status:
         patch.status.update(status)
+
+
+def _announce_step(body: kopf.Body, managed: Managed, step: Step) -> None:
+    """Events for what a step did: scales, starts, drains, replacements, failed actions."""
+    _announce_scale(body, managed, {s.index: s.workers for s in step.desired.stages})
+    autoscaling.announce(body, managed.spec, step.scaled)
+    for action in step.actions:
+        _announce(body, action, step.dead, step.failures)
+    for error in step.errors:
+        kopf.warn(body, reason="ActionFailed", message=error)
 
 
 def _announce(body: kopf.Body, action: Action, dead: set[str], failures: list[str]) -> None:
@@ -253,10 +261,6 @@ def _announce_scale(body: kopf.Body, managed: Managed, workers: dict[int, int]) 
             name = managed.spec.stages[stage].name
             kopf.info(body, reason="Scaled", message=f"stage {name}: {before} -> {count} workers")
     managed.workers = workers
-
-
-def _new_id(managed: Managed) -> Any:
-    return lambda stage: f"{managed.spec.name}-s{stage}-{secrets.token_hex(3)}"
 
 
 def _now() -> str:

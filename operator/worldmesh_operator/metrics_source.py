@@ -18,10 +18,12 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+from .runtime.base import Target
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +33,6 @@ class MetricsSource(Protocol):
     reporting: dict[int, int]
 
     async def stage_signals(self, metric: str) -> dict[int, float | None]: ...
-
-
-Target = tuple[str, int, str]  #: (worker, stage, base URL of its /metrics)
-
-
-def local_targets(runtime: Any) -> list[Target]:
-    """The LocalRuntime's workers that are ready and not stopping."""
-    return [
-        (w.id, w.stage, w.handle.http_url)
-        for w in list(runtime.workers.values())
-        if w.handle is not None and not w.stopping
-    ]
 
 
 class DirectScrape:

@@ -1,11 +1,11 @@
 """``worldmesh run <manifest>``: one deployment as local processes, reconciled until Ctrl-C.
 
-The loop is the operator's, with a local runtime: every ``interval`` it reads the manifest
-again if it changed (a bad edit is reported and the running spec kept), turns the spec into
-the desired workers per stage (the built-in autoscaler, when enabled, moves them within
-min..max from the workers' own ``/metrics`` once a second), observes the workers, plans
-with the reconciler and applies the actions. A live table shows stages, workers, worlds, requests/s, p50/p99 and queue
-depth. Ctrl-C (SIGINT) or SIGTERM marks the deployment deleted: every worker is drained,
+The control step is the operator's (``loop.ControlLoop``), with a local runtime: every
+``interval`` it reads the manifest again if it changed (a bad edit is reported and the
+running spec kept), and runs one step: the built-in autoscaler, when enabled, moves the
+workers per stage within min..max from the workers' own ``/metrics`` once a second; the
+workers are observed, the reconciler plans, the runtime applies. A live table shows
+stages, workers, worlds, requests/s, p50/p99 and queue depth. Ctrl-C (SIGINT) or SIGTERM marks the deployment deleted: every worker is drained,
 then stopped, and no process is left behind.
 
 With ``--prometheus URL`` the same autoscaler reads its signals from that Prometheus
@@ -17,8 +17,6 @@ metrics (``worldmesh_stage_*``, ``worldmesh_autoscaler_*``) on ``/metrics``.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import secrets
 import signal
 import sys
 import tempfile
@@ -28,13 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from .desired import desired_of
+from .loop import ControlLoop, Step
 from .metrics import ControlMetrics, bound_port
-from .metrics_source import DirectScrape, MetricsSource, PrometheusSource, local_targets
-from .reconciler import Observed, WorkerState, plan, summarize
+from .metrics_source import DirectScrape, MetricsSource, PrometheusSource
+from .reconciler import Observed, WorkerState
 from .runtime.front import FrontService
 from .runtime.local import LocalRuntime
-from .scaling import Autoscaler, stage_loads
 from .spec import DeploymentSpec, SpecError, parse_spec
 from .status import StatusBoard
 
@@ -48,7 +45,7 @@ def read_manifest(path: Path) -> DeploymentSpec:
 
 
 class LocalDeployment:
-    """The control loop over a LocalRuntime; ``run()`` returns once everything has stopped."""
+    """``ControlLoop`` over a LocalRuntime; ``run()`` returns once everything has stopped."""
 
     def __init__(
         self,
@@ -68,40 +65,48 @@ class LocalDeployment:
         ``port``: serve one stable endpoint there (0: any free port) in front of whatever
         front workers run (``runtime/front.py``); None: the first front worker's own."""
         self.manifest = manifest
-        self.spec = read_manifest(manifest)
+        spec = read_manifest(manifest)
         self._mtime = manifest.stat().st_mtime
         self.interval = interval
         self.runtime = LocalRuntime(
-            self.spec.name,
+            spec.name,
             lambda i: self.spec.stage_config(i),
             workdir,
             env=env,
             targets_path=targets_path,
         )
-        self.wishes: dict[int, int] = {}  # the autoscaler's worker count per stage
-        self.autoscaler: Autoscaler | None = None
-        self.metrics: MetricsSource = (
+        source: MetricsSource = (
             PrometheusSource(
                 prometheus,
-                self.spec.name,
+                spec.name,
                 rate_window_s=max(4 * scrape_interval_s, 2.0),
                 stale_after_s=3 * scrape_interval_s + 1.0,
             )
             if prometheus
-            else DirectScrape(lambda: local_targets(self.runtime))
+            else DirectScrape(self.runtime.targets)
         )
-        self.control_metrics = ControlMetrics()
-        self.scale_interval = 1.0
+        self.loop = ControlLoop(spec, self.runtime, source, ControlMetrics())
         self.deleted = False
-        self.observed = Observed()
         self.errors: list[str] = []
         self.board = StatusBoard(out)
-        self._suffix = itertools.count(1)
-        self._stopped = asyncio.Event()
         self.front = FrontService(port=port) if port is not None else None
 
-    def new_id(self, stage: int) -> str:
-        return f"{self.spec.name}-s{stage}-{secrets.token_hex(2)}{next(self._suffix)}"
+    @property
+    def spec(self) -> DeploymentSpec:
+        return self.loop.spec
+
+    @property
+    def wishes(self) -> dict[int, int]:
+        """The autoscaler's worker count per stage."""
+        return self.loop.scaling.wishes
+
+    @property
+    def observed(self) -> Observed:
+        return self.loop.last.observed if self.loop.last else Observed()
+
+    @property
+    def control_metrics(self) -> ControlMetrics:
+        return self.loop.metrics
 
     def delete(self) -> None:
         self.deleted = True
@@ -121,51 +126,18 @@ class LocalDeployment:
             return
         if spec != self.spec:
             self.board.note("manifest changed: applying it")
-            self.spec = spec
+            self.loop.spec = spec
 
-    async def step(self) -> list[str]:
-        desired = desired_of(self.spec, self.wishes, self.deleted)
-        self.observed = await self.runtime.observe()
-        actions = plan(desired, self.observed, self.new_id)
-        for action in actions:
+    async def step(self) -> Step:
+        step = await self.loop.step(self.deleted)
+        for scaled in step.scaled:
+            self.board.note(f"autoscaler: stage {scaled.decision.stage}: {scaled.decision.reason}")
+        for action in step.actions:
             self.board.event(action)
-        for stage in desired.stages:
-            ready = [
-                w
-                for w in self.observed.workers
-                if w.stage == stage.index and w.state is WorkerState.READY
-            ]
-            spec = self.spec.stages[stage.index]
-            self.control_metrics.stage(
-                self.spec.name,
-                stage.index,
-                desired=stage.workers,
-                ready=len(ready),
-                low=spec.min_replicas,
-                high=spec.max_replicas,
-            )
-        errors = await self.runtime.apply(actions)
+        self.errors = step.errors
         if self.front is not None:  # after apply: a worker told to drain is left out now
             self.front.set_backends(self.runtime.front_urls())
-        return errors
-
-    async def autoscale(self, now: float) -> None:
-        """One tick of the built-in autoscaler (stages pinned by ``spec.replicas`` excepted)."""
-        policy = self.spec.autoscaling
-        if not policy.enabled or self.deleted:
-            return
-        if self.autoscaler is None or self.autoscaler.spec != policy:
-            self.autoscaler = Autoscaler(policy)
-        signals = await self.metrics.stage_signals(policy.metric)
-        loads = stage_loads(self.spec, self.wishes, signals, self.metrics.reporting)
-        current = {load.stage: load.current for load in loads}
-        for decision in self.autoscaler.decide(loads, now):
-            if decision.workers != current[decision.stage]:
-                self.board.note(f"autoscaler: stage {decision.stage}: {decision.reason}")
-            self.control_metrics.decision(
-                self.spec.name, decision, signals.get(decision.stage), current[decision.stage]
-            )
-            self.wishes[decision.stage] = decision.workers
+        return step
 
     async def run(self) -> None:
         if self.front is not None:
@@ -179,27 +151,22 @@ class LocalDeployment:
 
     async def _run(self) -> None:
         async with self.runtime:
-            last_scale = 0.0
             while True:
                 self.reload()
-                if time.monotonic() - last_scale >= self.scale_interval:
-                    last_scale = time.monotonic()
-                    await self.autoscale(last_scale)
-                self.errors = await self.step()
-                await self.board.render(
-                    self.runtime,
-                    summarize(desired_of(self.spec, self.wishes, self.deleted), self.observed),
-                )
+                step = await self.step()
+                await self.board.render(self.runtime, step.summary)
                 if self.deleted and not self.runtime.live():
                     return
                 await asyncio.sleep(self.interval)
 
     def ready(self) -> bool:
-        live = [w for w in self.observed.workers if w.state is WorkerState.READY]
+        """An endpoint, some READY worker, and the last step's phase Ready."""
+        step = self.loop.last
         return (
-            bool(self.runtime.endpoint)
-            and summarize(desired_of(self.spec, self.wishes), self.observed)["phase"] == "Ready"
-            and bool(live)
+            step is not None
+            and bool(self.runtime.endpoint)
+            and step.summary["phase"] == "Ready"
+            and any(w.state is WorkerState.READY for w in step.observed.workers)
         )
 
 

@@ -181,7 +181,6 @@ async def test_a_busy_front_worker_is_not_replaced(tmp_path):
     try:
         await wait_until(deployment.ready, 60, "deployment ready")
         (front_id,) = ready_ids(deployment, 0)
-        front = deployment.runtime.workers[front_id]
         seen = len(lines)
         async with ClosedLoop(deployment.runtime.endpoint, toy_request, 4) as load:
             await load.answered(20)
@@ -196,9 +195,13 @@ async def test_a_busy_front_worker_is_not_replaced(tmp_path):
 
                 asked = asyncio.create_task(ask())
                 # its control API goes silent past the control loop's wait: it is busy
-                await wait_until(lambda: front.silent_since > 0, 10, "the front worker silent")
+                await wait_until(
+                    lambda: deployment.runtime.silent(front_id), 10, "the front worker silent"
+                )
                 assert await asked == 200
-                await wait_until(lambda: front.silent_since == 0, 20, "it answers again")
+                await wait_until(
+                    lambda: not deployment.runtime.silent(front_id), 20, "it answers again"
+                )
             await load.answered(20)
         assert ready_ids(deployment, 0) == {front_id}
         assert not [line for line in lines[seen:] if "StopWorker" in line or "StartWorker" in line]

@@ -1,4 +1,5 @@
-"""The operator autoscaler's status (``autoscaling.DeploymentScaling``), without a cluster.
+"""The operator autoscaler's status (``autoscaling.report``/``restore`` of a ``loop.Scaling``),
+without a cluster.
 
 Covers: ``status.autoscaler`` round-trips (written by one operator, restored by the next,
 written again the same); held stages make ``ScalingActive`` False with reason
@@ -9,8 +10,8 @@ malformed ``status.autoscaler`` is not fatal (the autoscaler starts afresh).
 
 from __future__ import annotations
 
-from worldmesh_operator.autoscaling import DeploymentScaling
-from worldmesh_operator.metrics import ControlMetrics
+from worldmesh_operator import autoscaling
+from worldmesh_operator.loop import Scaling
 from worldmesh_operator.scaling import StageLoad
 from worldmesh_operator.spec import parse_spec
 
@@ -26,15 +27,12 @@ SPEC = parse_spec(
         },
     }
 )
-SUMMARY = {
-    "stages": [{"stage": 0, "desired": 1, "ready": 1}, {"stage": 1, "desired": 2, "ready": 2}]
-}
 T0 = 1_800_000_000.0  # wall-clock seconds
 
 
-def scaled() -> DeploymentScaling:
-    scaling = DeploymentScaling()
-    scaling.restore(SPEC.autoscaling, {})
+def scaled() -> Scaling:
+    scaling = Scaling()
+    autoscaling.restore(scaling, SPEC.autoscaling, {})
     assert scaling.autoscaler is not None
     for t, signal in ((T0, 8.0), (T0 + 2, 4.0), (T0 + 4, 1.0)):
         loads = [StageLoad(1, scaling.wishes.get(1, 1), signal, 1, 4)]
@@ -44,9 +42,9 @@ def scaled() -> DeploymentScaling:
     return scaling
 
 
-def report(scaling: DeploymentScaling, previous=None, now="2027-01-15T08:00:00Z"):
+def report(scaling: Scaling, previous=None, now="2027-01-15T08:00:00Z"):
     status: dict = {"observedGeneration": 3, "conditions": []}
-    scaling.report(status, SPEC, SUMMARY, previous or [], now)
+    autoscaling.report(status, scaling, SPEC, previous or [], now)
     return status
 
 
@@ -59,8 +57,8 @@ def test_status_round_trips_through_a_restart():
     assert back["recommendations"][0]["from"] == "2027-01-15T08:00:00.000Z"
     assert back["lastScaleTime"] == "2027-01-15T08:00:00.000Z"
     assert back["changes"] == [{"time": "2027-01-15T08:00:00.000Z", "workers": 1}]
-    restarted = DeploymentScaling()
-    restarted.restore(SPEC.autoscaling, saved)
+    restarted = Scaling()
+    autoscaling.restore(restarted, SPEC.autoscaling, saved)
     assert restarted.wishes == {1: 2}
     assert report(restarted)["autoscaler"] == saved
 
@@ -85,16 +83,6 @@ def test_off_clears_the_memory_and_bad_memory_starts_afresh():
     scaling = scaled()
     scaling.autoscaler = None
     assert report(scaling)["autoscaler"] is None
-    broken = DeploymentScaling()
-    broken.restore(SPEC.autoscaling, {"stages": [{"stage": 1, "workers": "many"}]})
+    broken = Scaling()
+    autoscaling.restore(broken, SPEC.autoscaling, {"stages": [{"stage": 1, "workers": "many"}]})
     assert broken.wishes == {} and broken.autoscaler is not None
-
-
-def test_stage_sizes_are_exported():
-    scaling = scaled()
-    scaling.memo.metrics = ControlMetrics()
-    report(scaling)
-    value = scaling.metrics.registry.get_sample_value(
-        "worldmesh_stage_desired_workers", {"deployment": "st", "stage": "1"}
-    )
-    assert value == 2

@@ -20,6 +20,18 @@ import aiohttp
 READY_PREFIX = "WORLDMESH_READY "
 
 
+def world_name(a: str, b: str) -> str:
+    """The world between workers ``a`` and ``b``: both ends derive it from the sorted pair."""
+    first, second = sorted((a, b))
+    return f"{first}~{second}"
+
+
+def world_ends(name: str) -> tuple[str, str]:
+    """The two workers of the world ``name`` (``world_name``'s inverse)."""
+    first, _, second = name.partition("~")
+    return first, second
+
+
 class ControlError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"control API answered {status}: {message}")

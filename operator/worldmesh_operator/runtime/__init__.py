@@ -1,6 +1,6 @@
-"""Runtimes carry out the reconciler's actions: local processes here, Kubernetes pods later."""
+"""Runtimes carry out the reconciler's actions: worker processes (``local``) or pods
+(``kubernetes``), both on ``base.WorkerRuntime``."""
 
-from .base import Runtime
-from .local import LocalRuntime
+from .base import Runtime, Target, WorkerRuntime
 
-__all__ = ["LocalRuntime", "Runtime"]
+__all__ = ["Runtime", "Target", "WorkerRuntime"]

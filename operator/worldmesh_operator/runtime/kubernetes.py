@@ -16,8 +16,8 @@ Applying: StartWorker creates a pod (``builders.build_worker_pod``, owned by the
 ModelDeployment); DrainWorker asks the control API (a pod that never answered is deleted at
 once, it served nothing); StopWorker deletes the pod (grace period 0 for a DEAD one: a
 frozen worker never handles SIGTERM; else the pod's, during which SIGTERM drains it);
-OpenWorld/CloseWorld go to both ends' control APIs, as ``worldmesh_worker.local.connect``
-does for processes. ``ensure_objects`` creates
+OpenWorld/CloseWorld go to both ends' control APIs (``WorkerRuntime``, as for processes).
+``ensure_objects`` creates
 the token Secret and both Services if absent and reads the token back, so a restarted
 operator adopts what exists rather than rotating the token under running workers.
 """
@@ -29,39 +29,27 @@ import base64
 import contextlib
 import logging
 import secrets
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 
-from worldmesh_worker.control import ControlClient, connect
-from worldmesh_worker.local import WorkerProcess
+from worldmesh_worker.control import ControlClient
 
 from .. import builders
-from ..reconciler import (
-    Action,
-    CloseWorld,
-    DrainWorker,
-    Observed,
-    ObservedWorker,
-    OpenWorld,
-    StartWorker,
-    StopWorker,
-    WorkerState,
-)
+from ..reconciler import Observed, ObservedWorker, WorkerState
 from ..spec import DeploymentSpec
-from .base import merge_worlds
+from .base import Target, WorkerRuntime, merge_worlds
 from .kube_client import KubeClient
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Peer:
-    """What ``connect`` needs of a worker: its id, stage, device and control client."""
+    """A pod as ``connect`` sees a worker (``control.Peer``): id, stage, device, control."""
 
     worker: str
     stage: int
@@ -69,7 +57,7 @@ class _Peer:
     control: ControlClient
 
 
-class KubernetesRuntime:
+class KubernetesRuntime(WorkerRuntime):
     def __init__(
         self,
         api: KubeClient,
@@ -77,29 +65,29 @@ class KubernetesRuntime:
         owner: dict[str, Any],
         image: str,
         *,
+        pull_policy: str = "IfNotPresent",
         answer_timeout_s: float = 2.0,
         busy_limit_s: float = 10.0,
     ) -> None:
         """``spec()`` gives the deployment's current spec; ``owner`` is the CR body (uid)."""
+        super().__init__(answer_timeout_s, busy_limit_s)
         self.api = api
         self.spec = spec
         self.owner = owner
         self.image = image
-        self.answer_timeout_s = answer_timeout_s
-        self.busy_limit_s = busy_limit_s
+        self.pull_policy = pull_policy
         self.token: str | None = None
         self.pods: dict[str, dict[str, Any]] = {}  # the last observation, by worker id
-        self.failures: list[str] = []  # pod failures seen by the last observe()
         #: The front workers' early-exit state (``earlyExits`` of their control status).
         self.early_exits: dict[str, dict[str, Any]] = {}
         self._answered: set[str] = set()
         self._dead: set[str] = set()  #: workers the last observe() found dead
         self._refused: set[str] = set()  #: workers whose control port refused the last call
-        self._silent: dict[str, float] = {}  #: since when a worker that served is silent
         self._last: dict[str, dict[str, Any]] = {}  #: each worker's last status
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
+        await super().close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -165,8 +153,8 @@ class KubernetesRuntime:
         self._dead = dead
         for gone in set(self._last) - set(self.pods):
             self._last.pop(gone, None)
-            self._silent.pop(gone, None)
             self._refused.discard(gone)
+        self.forget(set(self._silent) - set(self.pods))
         self.early_exits = {
             pod["metadata"]["name"]: status["earlyExits"]
             for pod, status in zip(pods, statuses, strict=True)
@@ -189,7 +177,7 @@ class KubernetesRuntime:
             return None
         self._answered.add(name)
         self._refused.discard(name)
-        self._silent.pop(name, None)
+        self.heard(name)
         self._last[name] = status
         return status
 
@@ -207,86 +195,75 @@ class KubernetesRuntime:
             # It served and does not answer in time: busy with its own work, or frozen. A
             # frozen one's peers see its heartbeats stop (the reconciler then stops it);
             # a busy one keeps beating, and is dead only after ``busy_limit_s`` of silence.
-            since = self._silent.setdefault(name, time.monotonic())
-            if time.monotonic() - since > self.busy_limit_s:
+            if self.silent_too_long(name):
                 return WorkerState.DEAD
             status = self._last.get(name) or {}
         if status.get("draining"):
             return WorkerState.DRAINED if status.get("drained") else WorkerState.DRAINING
         return WorkerState.READY
 
-    # -- apply -------------------------------------------------------------------------
+    # -- apply (``WorkerRuntime.apply`` calls these) -----------------------------------
 
-    async def apply(self, actions: Sequence[Action]) -> list[str]:
-        # Stops first, as the plan orders them: a replacement's pod is created only once
-        # the dead pod is deleted, so a stage never holds more pods than it wants.
-        stops = [a for a in actions if isinstance(a, StopWorker)]
-        rest = [a for a in actions if not isinstance(a, StopWorker)]
-        outcomes = await asyncio.gather(*(self._apply(a) for a in stops), return_exceptions=True)
-        outcomes += await asyncio.gather(*(self._apply(a) for a in rest), return_exceptions=True)
-        errors = []
-        for action, outcome in zip([*stops, *rest], outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                errors.append(f"{action}: {outcome}")
-                log.warning("%s failed: %s", action, outcome)
-        return errors
-
-    async def _apply(self, action: Action) -> None:
+    async def start_worker(self, stage: int, worker_id: str) -> None:
         spec = self.spec()
-        if isinstance(action, StartWorker):
-            pod = builders.build_worker_pod(
-                spec,
-                action.stage,
-                action.worker_id,
-                self.image,
-                builders.token_secret_name(spec),
-                self.owner,
-            )
-            await self.api.create("pods", pod)
-        elif isinstance(action, DrainWorker):
-            if action.worker_id not in self._answered:
-                await self._delete(action.worker_id, 0)  # never served: nothing to drain
-            else:
-                await self._control(self.pods[action.worker_id]).drain(wait=0)
-        elif isinstance(action, StopWorker):
-            # A dead or frozen worker never handles SIGTERM: a grace period would only keep
-            # its pod (its name, address and the stage's slot) for nothing.
-            answered = action.worker_id in self._answered
-            stopped = self.pods.get(action.worker_id)
-            dead = (
-                stopped is None
-                or _gone(stopped)
-                or not answered
-                or action.worker_id in self._dead
-                or action.worker_id in self._silent  # judged frozen by its peers' worlds
-            )
-            await self._delete(action.worker_id, 0 if dead else None)
-        elif isinstance(action, OpenWorld):
-            await connect(
-                cast(WorkerProcess, self._peer(action.a)),
-                cast(WorkerProcess, self._peer(action.b)),
-            )
-        elif isinstance(action, CloseWorld):
-            name = f"{action.a}~{action.b}"
-            for end in (action.a, action.b):
-                peer = self.pods.get(end)
-                if peer is not None and end in self._answered and not _gone(peer):
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(
-                            self._control(peer).close_world(name), self.answer_timeout_s
-                        )
+        pod = builders.build_worker_pod(
+            spec,
+            stage,
+            worker_id,
+            self.image,
+            builders.token_secret_name(spec),
+            self.owner,
+            pull_policy=self.pull_policy,
+        )
+        await self.api.create("pods", pod)
+
+    async def drain_worker(self, worker_id: str) -> None:
+        if worker_id not in self._answered:
+            await self._delete(worker_id, 0)  # never served: nothing to drain
+        else:
+            await self._control(self.pods[worker_id]).drain(wait=0)
+
+    async def stop_worker(self, worker_id: str) -> None:
+        # A dead or frozen worker never handles SIGTERM: a grace period would only keep
+        # its pod (its name, address and the stage's slot) for nothing.
+        stopped = self.pods.get(worker_id)
+        dead = (
+            stopped is None
+            or _gone(stopped)
+            or worker_id not in self._answered
+            or worker_id in self._dead
+            or self.silent(worker_id)  # judged frozen by its peers' worlds
+        )
+        await self._delete(worker_id, 0 if dead else None)
+
+    def targets(self) -> list[Target]:
+        """The pods of the last observation that run, have an IP and are not being deleted."""
+        port = self.spec().ports.http
+        return [
+            (name, int(pod["metadata"]["labels"][builders.LABEL_STAGE]), f"http://{ip}:{port}")
+            for name, pod in self.pods.items()
+            if (ip := pod.get("status", {}).get("podIP"))
+            and not pod["metadata"].get("deletionTimestamp")
+            and pod.get("status", {}).get("phase") == "Running"
+        ]
 
     async def _delete(self, worker_id: str, grace_period_s: int | None) -> None:
         await self.api.delete("v1", "pods", self.spec().namespace, worker_id, grace_period_s)
         self._answered.discard(worker_id)
 
-    def _peer(self, worker_id: str) -> _Peer:
+    def peer(self, worker_id: str) -> _Peer:
         pod = self.pods.get(worker_id)
         if pod is None or worker_id not in self._answered:
             raise RuntimeError(f"worker {worker_id} is not serving")
         stage = int(pod["metadata"]["labels"][builders.LABEL_STAGE])
         gpus = self.spec().stages[stage].resources.gpus if stage < len(self.spec().stages) else 0
         return _Peer(worker_id, stage, "cuda" if gpus else "cpu", self._control(pod))
+
+    def reachable(self, worker_id: str) -> ControlClient | None:
+        pod = self.pods.get(worker_id)
+        if pod is None or worker_id not in self._answered or _gone(pod):
+            return None
+        return self._control(pod)
 
     def _control(self, pod: dict[str, Any]) -> ControlClient:
         if self.token is None:

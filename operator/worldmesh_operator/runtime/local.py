@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,22 +34,12 @@ from typing import Any
 import aiohttp
 import yaml
 
-from worldmesh_worker.control import READY_PREFIX, ControlClient, connect
+from worldmesh_worker.control import READY_PREFIX, ControlClient
 from worldmesh_worker.local import WorkerProcess
 
 from ..desired import config_digest
-from ..reconciler import (
-    Action,
-    CloseWorld,
-    DrainWorker,
-    Observed,
-    ObservedWorker,
-    OpenWorld,
-    StartWorker,
-    StopWorker,
-    WorkerState,
-)
-from .base import merge_worlds
+from ..reconciler import Observed, ObservedWorker, WorkerState
+from .base import Target, WorkerRuntime, merge_worlds
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +57,10 @@ class _Worker:
     stopping: bool = False
     last: dict[str, Any] = field(default_factory=dict)  # last control status
     dead: bool = False  # the last observation found it DEAD
-    silent_since: float = 0.0  # when its control API stopped answering (0: it answers)
     draining: bool = False  # told to drain: it takes no new requests
 
 
-class LocalRuntime:
+class LocalRuntime(WorkerRuntime):
     def __init__(
         self,
         deployment: str,
@@ -86,13 +75,12 @@ class LocalRuntime:
         targets_path: Path | None = None,
     ) -> None:
         """``stage_config(stage)`` gives the worker config of a stage, without worker/ports/token."""
+        super().__init__(answer_timeout_s, busy_limit_s)
         self.deployment = deployment
         self.stage_config = stage_config
         self.workdir = workdir
         self.host = host
         self.env = env or {}
-        self.answer_timeout_s = answer_timeout_s
-        self.busy_limit_s = busy_limit_s
         self.stop_timeout_s = stop_timeout_s
         self.workers: dict[str, _Worker] = {}
         self.targets_path = targets_path
@@ -102,11 +90,8 @@ class LocalRuntime:
         self.token_path.write_text(secrets.token_urlsafe(32))
         self.token_path.chmod(0o600)
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
         #: The base URL of a ``FrontService`` in front of the front workers, if one runs.
         self.service_url: str | None = None
-        self._opening: set[tuple[str, str]] = set()  # worlds whose open runs as a task
-        self._late_errors: list[str] = []  # of those opens, for the next apply()
 
     async def __aenter__(self) -> LocalRuntime:
         self._session = aiohttp.ClientSession()
@@ -118,8 +103,7 @@ class LocalRuntime:
         for worker in self.workers.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.process.wait(timeout=10)
-        for task in self._tasks:
-            task.cancel()
+        await self.close()
         if self._session is not None:
             await self._session.close()
         self._write_targets()
@@ -159,6 +143,14 @@ class LocalRuntime:
     def live(self) -> list[_Worker]:
         return [w for w in self.workers.values() if w.process.poll() is None]
 
+    def targets(self) -> list[Target]:
+        """The workers that are ready and not stopping."""
+        return [
+            (w.id, w.stage, w.handle.http_url)
+            for w in list(self.workers.values())
+            if w.handle is not None and not w.stopping
+        ]
+
     # -- observe ---------------------------------------------------------------------
 
     async def observe(self) -> Observed:
@@ -174,6 +166,11 @@ class LocalRuntime:
                 worker.created,
             )
             for worker, (state, _) in zip(workers, seen, strict=True)
+        ]
+        self.failures = [
+            _failure(worker)
+            for worker, (state, _) in zip(workers, seen, strict=True)
+            if state is WorkerState.DEAD
         ]
         return Observed(tuple(observed_workers), merge_worlds([status for _, status in seen]))
 
@@ -209,87 +206,49 @@ class LocalRuntime:
         if status is None:
             # No answer: stopped (SIGSTOP: frozen) is dead at once; a running process is
             # busy with its own work, and only after ``busy_limit_s`` of silence wedged.
-            worker.silent_since = worker.silent_since or time.monotonic()
-            busy_for = time.monotonic() - worker.silent_since
-            if _stopped(worker.process.pid) or busy_for > self.busy_limit_s:
+            if self.silent_too_long(worker.id) or _stopped(worker.process.pid):
                 return WorkerState.DEAD
             status = worker.last  # as it last answered
         else:
-            worker.silent_since = 0.0
+            self.heard(worker.id)
         if not status:
             return WorkerState.STARTING
         if status["draining"]:
             return WorkerState.DRAINED if status["drained"] else WorkerState.DRAINING
         return WorkerState.READY
 
-    # -- apply -----------------------------------------------------------------------
+    # -- apply (``WorkerRuntime.apply`` calls these) ------------------------------------
 
-    async def apply(self, actions: Sequence[Action]) -> list[str]:
-        """Carry out ``actions``; the errors, with those of world opens since the last call.
+    async def start_worker(self, stage: int, worker_id: str) -> None:
+        self.start(stage, worker_id)
 
-        A world open runs on as a task of its own (it waits, bounded, for both ends): the
-        control loop goes on observing meanwhile, so a worker that dies or freezes while
-        others are being wired is seen at once, not after the slowest open."""
-        opens = [a for a in actions if isinstance(a, OpenWorld)]
-        rest = [a for a in actions if not isinstance(a, OpenWorld)]
-        for action in opens:
-            pair = (action.a, action.b)
-            if pair not in self._opening:
-                self._opening.add(pair)
-                task = asyncio.create_task(self._open(action))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        outcomes = await asyncio.gather(*(self._apply(a) for a in rest), return_exceptions=True)
-        errors, self._late_errors = self._late_errors, []
-        for action, outcome in zip(rest, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                errors.append(f"{action}: {outcome}")
-                log.warning("%s failed: %s", action, outcome)
-        self._forget_exited()
-        self._write_targets()
-        return errors
+    async def drain_worker(self, worker_id: str) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is not None and worker.handle is None:
+            self.stop(worker_id)  # still starting: it never served, nothing to drain
+            return
+        if worker is not None:
+            worker.draining = True
+        await self.peer(worker_id).control.drain(wait=0)
 
-    async def _open(self, action: OpenWorld) -> None:
-        try:
-            await connect(self._handle(action.a), self._handle(action.b))
-        except Exception as exc:  # reported by the next apply(); the reconciler retries
-            self._late_errors.append(f"{action}: {exc}")
-            log.warning("%s failed: %s", action, exc)
-        finally:
-            self._opening.discard((action.a, action.b))
+    async def stop_worker(self, worker_id: str) -> None:
+        self.stop(worker_id)
 
-    async def _apply(self, action: Action) -> None:
-        if isinstance(action, StartWorker):
-            self.start(action.stage, action.worker_id)
-        elif isinstance(action, DrainWorker):
-            worker = self.workers.get(action.worker_id)
-            if worker is not None and worker.handle is None:
-                self.stop(action.worker_id)  # still starting: it never served, nothing to drain
-            else:
-                if worker is not None:
-                    worker.draining = True
-                await self._handle(action.worker_id).control.drain(wait=0)
-        elif isinstance(action, StopWorker):
-            self.stop(action.worker_id)
-        elif isinstance(action, CloseWorld):
-            name = f"{action.a}~{action.b}"
-            for end in (action.a, action.b):
-                worker = self.workers.get(end)
-                if (
-                    worker is not None
-                    and worker.handle is not None
-                    and worker.process.poll() is None
-                ):
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(
-                            worker.handle.control.close_world(name), self.answer_timeout_s
-                        )
-
-    def _handle(self, worker_id: str) -> WorkerProcess:
+    def peer(self, worker_id: str) -> WorkerProcess:
         worker = self.workers.get(worker_id)
         if worker is None or worker.handle is None:
             raise RuntimeError(f"worker {worker_id} is not running")
         return worker.handle
+
+    def reachable(self, worker_id: str) -> ControlClient | None:
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.handle is None or worker.process.poll() is not None:
+            return None
+        return worker.handle.control
+
+    async def applied(self) -> None:
+        self._forget_exited()
+        self._write_targets()
 
     def start(self, stage: int, worker_id: str) -> None:
         config = self.stage_config(stage)
@@ -315,9 +274,7 @@ class LocalRuntime:
             )
         worker = _Worker(worker_id, stage, config_hash, layout, process, log_path, time.time())
         self.workers[worker_id] = worker
-        task = asyncio.create_task(self._await_ready(worker))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(self._await_ready(worker))
 
     async def _await_ready(self, worker: _Worker) -> None:
         assert worker.process.stdout is not None and self._session is not None
@@ -353,9 +310,7 @@ class LocalRuntime:
             _kill(worker.process)
             return
         worker.process.send_signal(signal.SIGTERM)  # drains, then exits
-        task = asyncio.create_task(self._reap(worker))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(self._reap(worker))
 
     async def _reap(self, worker: _Worker) -> None:
         try:
@@ -373,6 +328,7 @@ class LocalRuntime:
             w.id for w in self.workers.values() if w.stopping and w.process.poll() is not None
         ]:
             del self.workers[worker_id]
+        self.forget(set(self._silent) - set(self.workers))
 
     def _write_targets(self) -> None:
         if self.targets_path is None:
@@ -391,6 +347,12 @@ class LocalRuntime:
         partial.write_text(json.dumps(targets, indent=1))
         partial.replace(self.targets_path)  # atomic: Prometheus never reads half a file
         self._targets = targets
+
+
+def _failure(worker: _Worker) -> str:
+    code = worker.process.poll()
+    why = "does not answer its control API" if code is None else f"exited with code {code}"
+    return f"worker {worker.id} {why}; its log: {worker.log_path}"
 
 
 def _stopped(pid: int) -> bool:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..control import world_name
 from .heartbeat import Heartbeats
 from .threads import in_own_thread
 from .world import DownHandler, Handler, World, WorldBroken, WorldOptions, WorldState
@@ -43,12 +44,6 @@ log = logging.getLogger(__name__)
 _WORKER_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 _HELLO = b"worldmesh-world "
 BACKENDS = ("auto", "gloo", "nccl")
-
-
-def world_name(a: str, b: str) -> str:
-    """Both ends derive the same name from the sorted pair."""
-    first, second = sorted((a, b))
-    return f"{first}~{second}"
 
 
 def check_worker_id(worker: str) -> str:
