@@ -36,6 +36,7 @@ from worldmesh_worker.config import (
     load_config,
     parse_config,
 )
+from worldmesh_worker.settings import WorkerSettings
 from worldmesh_worker.worlds import WorldOptions
 
 MINIMAL: dict[str, Any] = {
@@ -47,7 +48,7 @@ MINIMAL: dict[str, Any] = {
 
 
 def config(env: dict[str, str] | None = None, **fields: Any) -> WorkerConfig:
-    return parse_config({**MINIMAL, **fields}, env or {})
+    return parse_config({**MINIMAL, **fields}, WorkerSettings.from_env(env or {}))
 
 
 def nested(path: str, value: Any) -> dict[str, Any]:
@@ -221,13 +222,13 @@ BAD: list[tuple[dict[str, Any], str]] = [
 @pytest.mark.parametrize(("raw", "message"), BAD, ids=[m.split(":")[0] for _, m in BAD])
 def test_bad_field_raises_config_error_naming_it(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match="^" + message):
-        parse_config(raw, {})
+        parse_config(raw, WorkerSettings())
 
 
 @pytest.mark.parametrize("raw", [["deployment", "demo"], "demo", 3])
 def test_top_level_must_be_a_mapping(raw: Any) -> None:
     with pytest.raises(ConfigError, match=r"^\(top level\): must be a mapping"):
-        parse_config(raw, {})
+        parse_config(raw, WorkerSettings())
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -257,7 +258,7 @@ def test_accepted_edges() -> None:
 )
 def test_nan_is_refused(path: str) -> None:
     with pytest.raises(ConfigError, match="^" + path.replace(".", r"\.")):
-        parse_config(nested(path, math.nan), {})
+        parse_config(nested(path, math.nan), WorkerSettings())
 
 
 # -- token -------------------------------------------------------------------------------
@@ -297,7 +298,7 @@ def test_load_config_reads_yaml_and_json(tmp_path: Path) -> None:
         "deployment: demo\nworker: demo-s1-w2\nstage: 1\n"
         "model: {name: toy, splitPoints: [2]}\nbatching: {maxBatchSize: 4}\n"
     )
-    c = load_config(yaml_path, env={"WORLDMESH_TOKEN": "t"})
+    c = load_config(yaml_path, WorkerSettings(token="t"))
     assert (c.worker, c.stage, c.split_points, c.batching.max_batch_size, c.token) == (
         "demo-s1-w2",
         1,
@@ -307,7 +308,7 @@ def test_load_config_reads_yaml_and_json(tmp_path: Path) -> None:
     )
     json_path = tmp_path / "worker.json"
     json_path.write_text(json.dumps({**MINIMAL, "ports": {"http": 1234}}))
-    assert load_config(json_path, env={}).http_port == 1234
+    assert load_config(json_path, WorkerSettings()).http_port == 1234
 
 
 def test_load_config_reads_the_token_from_the_process_env(
@@ -324,14 +325,14 @@ def test_load_config_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=f"^{re.escape(str(missing))}: cannot read the configuration"
     ):
-        load_config(missing, env={})
+        load_config(missing, WorkerSettings())
     broken = tmp_path / "broken.yaml"
     broken.write_text("deployment: [unclosed\n")
     with pytest.raises(
         ConfigError, match=f"^{re.escape(str(broken))}: cannot read the configuration"
     ):
-        load_config(broken, env={})
+        load_config(broken, WorkerSettings())
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     with pytest.raises(ConfigError, match=r"^\w+: required"):  # an empty file is an empty mapping
-        load_config(empty, env={})
+        load_config(empty, WorkerSettings())

@@ -75,6 +75,7 @@ from worldmesh_worker.metrics import WorkerMetrics
 from worldmesh_worker.models.heads import train_linear_head
 from worldmesh_worker.models.toy import ToyModel
 from worldmesh_worker.protocol import TensorSpec
+from worldmesh_worker.settings import WorkerSettings
 from worldmesh_worker.stage import Stage
 from worldmesh_worker.worlds import Message, MessageKind
 
@@ -172,22 +173,30 @@ def test_an_unknown_ramp_site_is_rejected_with_its_field_path() -> None:
         parse_spec(manifest)
     base = {"deployment": "d", "worker": "w", "stage": 0, "model": "toy"}
     with pytest.raises(ConfigError, match=r"earlyExits.ramps\[1\]: 2 is negative or repeated"):
-        parse_config({**base, "earlyExits": {"ramps": [2, 2]}}, env={})
+        parse_config({**base, "earlyExits": {"ramps": [2, 2]}}, WorkerSettings())
     with pytest.raises(ConfigError, match=r"earlyExits.policy: must be online or fixed"):
-        parse_config({**base, "earlyExits": {"policy": "x"}}, env={})
+        parse_config({**base, "earlyExits": {"policy": "x"}}, WorkerSettings())
     # the fixed threshold: absent or null is the file's; any number is checked, none unsets
     for exits in ({}, {"threshold": None}):
-        assert parse_config({**base, "earlyExits": exits}, env={}).early_exits.threshold is None
-    assert parse_config({**base, "earlyExits": {"threshold": 0}}, env={}).early_exits.threshold == 0
+        assert (
+            parse_config({**base, "earlyExits": exits}, WorkerSettings()).early_exits.threshold
+            is None
+        )
+    assert (
+        parse_config(
+            {**base, "earlyExits": {"threshold": 0}}, WorkerSettings()
+        ).early_exits.threshold
+        == 0
+    )
     with pytest.raises(ConfigError, match=r"earlyExits.threshold: must be >= 0, got -1"):
-        parse_config({**base, "earlyExits": {"threshold": -1}}, env={})
+        parse_config({**base, "earlyExits": {"threshold": -1}}, WorkerSettings())
 
 
 def test_stage_config_passes_early_exits_to_the_workers() -> None:
     manifest = yaml.safe_load((ROOT / "examples" / "efficientnet-fashion.yaml").read_text())
     manifest["spec"]["earlyExits"].update(ramps=[4, 9], rampsFile="/ramps/e.pt", threshold=0.05)
     spec = parse_spec(manifest)
-    config = parse_config({**spec.stage_config(1), "worker": "w"}, env={})
+    config = parse_config({**spec.stage_config(1), "worker": "w"}, WorkerSettings())
     exits = config.early_exits
     assert exits.enabled and exits.ramps == (4, 9) and exits.ramps_file == "/ramps/e.pt"
     assert (exits.threshold, exits.policy, exits.accuracy_budget) == (0.05, "online", 0.01)
@@ -855,7 +864,7 @@ def test_a_malformed_ramps_file_is_refused_naming_what_is_wrong(
 def make_stage(path: Path, model: ToyModel | None = None, limits=None, **exits) -> Stage:
     early = {"enabled": True, "rampsFile": str(path), "ramps": [0], "policy": "fixed"}
     raw = {"deployment": "d", "worker": "w", "stage": 0, "model": "toy", "limits": limits or {}}
-    config = parse_config({**raw, "earlyExits": {**early, **exits}}, env={})
+    config = parse_config({**raw, "earlyExits": {**early, **exits}}, WorkerSettings())
     return Stage(config, model or ToyModel(), WorkerMetrics(CollectorRegistry(), "d", 0, "w"))
 
 
@@ -976,7 +985,7 @@ async def test_a_later_stage_runs_every_ramp_its_fronts_ask_for(toy_ramps: Path)
     # off the other's ramps), and passes the union on; a front gone takes its ramps along.
     early = {"enabled": True, "rampsFile": str(toy_ramps), "ramps": [0, 1, 2]}
     raw = {"deployment": "d", "worker": "w1", "stage": 1, "splitPoints": [1], "model": "toy"}
-    config = parse_config({**raw, "earlyExits": early}, env={})
+    config = parse_config({**raw, "earlyExits": early}, WorkerSettings())
     stage = Stage(config, ToyModel(), WorkerMetrics(CollectorRegistry(), "d", 1, "w1"))
     assert stage.front is None and stage.exits.controller is None
     assert sorted(stage.exits.ramps) == [1, 2]  # block 0 is the front's

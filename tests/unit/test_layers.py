@@ -49,6 +49,7 @@ WORKER_LAYERS: list[tuple[str, set[str]]] = [
         {
             "__init__",
             "errors",
+            "settings",
             "control",
             "batching",
             "metrics",

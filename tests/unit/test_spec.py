@@ -44,6 +44,7 @@ from worldmesh_operator import schema as crd_schema
 from worldmesh_operator.schema import CrdError, CrdSchema, cel_escape, load_schema, to_cel
 from worldmesh_operator.spec import DeploymentSpec, SpecError, parse_spec
 from worldmesh_worker.config import parse_config
+from worldmesh_worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "modeldeployment.yaml"
@@ -130,7 +131,7 @@ def test_split_points_default_to_one_stage() -> None:
 
 def test_stage_config_is_a_worker_config() -> None:
     spec = parse_spec(example("efficientnet-fashion.yaml"))
-    config = parse_config({**spec.stage_config(2), "worker": "fashion-head-0"}, env={})
+    config = parse_config({**spec.stage_config(2), "worker": "fashion-head-0"}, WorkerSettings())
     assert (config.deployment, config.stage, config.model) == ("fashion", 2, "efficientnet-lite0")
     assert config.split_points == (6, 12) and config.is_last
     assert config.batching.max_batch_size == 32

@@ -7,13 +7,13 @@ The file is YAML or JSON with camelCase keys (the CRD's spelling). Every error i
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .settings import WorkerSettings
 from .worlds import WorldOptions
 from .worlds.manager import BACKENDS, check_worker_id
 
@@ -79,15 +79,16 @@ class WorkerConfig:
         return self.stage == self.stages - 1
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None) -> WorkerConfig:
+def load_config(path: str | Path, settings: WorkerSettings | None = None) -> WorkerConfig:
+    """The config file at ``path``, with ``settings`` (default: the process environment's)."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read the configuration: {exc}") from None
-    return parse_config(raw, os.environ if env is None else env)
+    return parse_config(raw, WorkerSettings.from_env() if settings is None else settings)
 
 
-def parse_config(raw: Any, env: dict[str, str] | os._Environ[str]) -> WorkerConfig:
+def parse_config(raw: Any, settings: WorkerSettings) -> WorkerConfig:
     r = _Reader(raw, "")
     ports = r.section("ports")
     batching = r.section("batching")
@@ -112,7 +113,7 @@ def parse_config(raw: Any, env: dict[str, str] | os._Environ[str]) -> WorkerConf
     backend = worlds.str("backend", default="auto")
     if backend not in BACKENDS:
         raise ConfigError(f"worlds.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    token = r.str("token", default="") or _token_from(r.str("tokenFile", default=""), env)
+    token = r.str("token", default="") or _token_from(r.str("tokenFile", default=""), settings)
     config = WorkerConfig(
         deployment=r.str("deployment"),
         worker=worker,
@@ -120,7 +121,7 @@ def parse_config(raw: Any, env: dict[str, str] | os._Environ[str]) -> WorkerConf
         model=model_name,
         split_points=tuple(split),
         # On Kubernetes the pod's IP (downward API): workers give it to their peers.
-        host=r.str("host", default=env.get("POD_IP") or "127.0.0.1"),
+        host=r.str("host", default=settings.pod_ip or "127.0.0.1"),
         http_port=ports.int("http", default=8080, lo=0, hi=65535),
         control_port=ports.int("control", default=8081, lo=0, hi=65535),
         device=r.str("device", default="cpu"),
@@ -185,13 +186,13 @@ def _early_exits(r: _Reader) -> EarlyExits:
     )
 
 
-def _token_from(token_file: str, env: dict[str, str] | os._Environ[str]) -> str:
+def _token_from(token_file: str, settings: WorkerSettings) -> str:
     if token_file:
         try:
             return Path(token_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"tokenFile: cannot read {token_file}: {exc}") from None
-    return env.get("WORLDMESH_TOKEN", "")
+    return settings.token
 
 
 class _Reader:

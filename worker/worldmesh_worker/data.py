@@ -23,12 +23,15 @@ from typing import Literal
 
 import numpy as np
 
+from worldmesh_worker import settings
+from worldmesh_worker.settings import DEFAULT_FASHION_MNIST_DIR, WorkerSettings
+
 Split = Literal["train", "test"]
 
 #: Where ``apt-get install dataset-fashion-mnist`` puts the files.
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = DEFAULT_FASHION_MNIST_DIR
 #: Environment variable that overrides ``FASHION_MNIST_DIR``.
-FASHION_MNIST_ENV = "WORLDMESH_FASHION_MNIST_DIR"
+FASHION_MNIST_ENV = settings.FASHION_MNIST_DIR
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top",
@@ -87,7 +90,7 @@ def fashion_mnist(
     ``/usr/share/datasets/fashion-mnist``. Raises ``DatasetMissing`` if a file is absent.
     """
     _check_split(split)
-    base = Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+    base = Path(root or WorkerSettings.from_env().fashion_mnist_dir)
     image_name, label_name = _FASHION_FILES[split]
     paths = (base / image_name, base / label_name)
     for path in paths:

@@ -22,17 +22,18 @@ from .config import ConfigError, WorkerConfig, load_config
 from .control import READY_PREFIX
 from .metrics import WorkerMetrics
 from .server import ControlApp, InferenceApp
+from .settings import WorkerSettings
 from .stage import Stage
 
 log = logging.getLogger("worldmesh.worker")
 DRAIN_TIMEOUT_S = 60.0
 
 
-async def serve(config: WorkerConfig) -> None:
+async def serve(config: WorkerConfig, settings: WorkerSettings) -> None:
     from .models import load_model
 
     torch.set_num_threads(config.threads)
-    model = load_model(config.model)
+    model = load_model(config.model, settings=settings)
     metrics = WorkerMetrics(CollectorRegistry(), config.deployment, config.stage, config.worker)
     stage = Stage(config, model, metrics)
     control = ControlApp(stage, config.token)
@@ -84,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        config = load_config(args.config)
+        settings = WorkerSettings.from_env()  # the environment, read once
+        config = load_config(args.config, settings)
         if not config.token:
             raise ConfigError("token: set WORLDMESH_TOKEN or tokenFile (the control API needs one)")
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"worldmesh worker: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, settings))
     except ConfigError as exc:  # found once the model is loaded (e.g. early-exit ramps)
         print(f"worldmesh worker: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-CACHE_ENV = "WORLDMESH_CACHE"
+from worldmesh_worker.settings import CACHE, WorkerSettings
+
 _L2_CHOICES = (1e-4, 1e-3, 1e-2)
 
 
@@ -39,7 +40,7 @@ class ModelNotPrepared(RuntimeError):
         super().__init__(
             f"model {name!r} is not prepared: {why} ({path}); run "
             f"`python -m worldmesh_worker.models prepare {name}` "
-            f"(cache dir from ${CACHE_ENV}, default ~/.cache/worldmesh)"
+            f"(cache dir from ${CACHE}, default ~/.cache/worldmesh)"
         )
         self.name = name
         self.path = path
@@ -47,10 +48,7 @@ class ModelNotPrepared(RuntimeError):
 
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """The cache root: ``override``, else ``$WORLDMESH_CACHE``, else ``~/.cache/worldmesh``."""
-    if override is not None:
-        return Path(override)
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "worldmesh"
+    return Path(override) if override is not None else WorkerSettings.from_env().cache
 
 
 def head_path(name: str, cache: str | os.PathLike[str] | None = None) -> Path:

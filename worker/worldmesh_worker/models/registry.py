@@ -26,6 +26,7 @@ from typing import Any
 
 from worldmesh_worker.models.base import PipelineModel
 from worldmesh_worker.models.heads import HeadInfo, ModelNotPrepared, head_path, load_head
+from worldmesh_worker.settings import WorkerSettings
 
 Cache = str | os.PathLike[str] | None
 
@@ -35,24 +36,19 @@ PREPARED_MODELS = ("efficientnet-lite0", "minilm-l6")
 MODEL_NAMES = (*PREPARED_MODELS, "toy", "toy-slow")
 
 
-def _toy(slow: bool) -> PipelineModel:
+def _toy(slow: bool, settings: WorkerSettings) -> PipelineModel:
     from worldmesh_worker.models import toy
 
     if not slow:
         return toy.ToyModel()
-    raw = os.environ.get(toy.DELAY_ENV, "")
-    try:
-        delay = float(raw) if raw else toy.DEFAULT_SLOW_DELAY_S
-    except ValueError as exc:
-        raise ValueError(f"{toy.DELAY_ENV}={raw!r} is not a number of seconds") from exc
-    return toy.ToyModel(block_delay_s=delay, name="toy-slow")
+    return toy.ToyModel(block_delay_s=settings.toy_block_delay_s, name="toy-slow")
 
 
-def _builtin(name: str, cache: Cache) -> PipelineModel:
+def _builtin(name: str, cache: Cache, settings: WorkerSettings) -> PipelineModel:
     if name in PREPARED_MODELS:
         model: PipelineModel = _head_module(name).build(cache)
         return model
-    return _toy(slow=name == "toy-slow")
+    return _toy(name == "toy-slow", settings)
 
 
 def _entry_point(spec: str) -> PipelineModel:
@@ -81,10 +77,15 @@ def _entry_point(spec: str) -> PipelineModel:
     return model
 
 
-def load_model(name: str, *, cache: Cache = None) -> PipelineModel:
-    """The model called ``name`` (see module docstring for what can fail)."""
+def load_model(
+    name: str, *, cache: Cache = None, settings: WorkerSettings | None = None
+) -> PipelineModel:
+    """The model called ``name`` (see module docstring for what can fail); ``settings``
+    (default: the environment's) give the cache, unless ``cache`` is given, and the
+    toy-slow model's delay."""
     if name in MODEL_NAMES:
-        return _builtin(name, cache)
+        settings = WorkerSettings.from_env() if settings is None else settings
+        return _builtin(name, settings.cache if cache is None else cache, settings)
     if ":" in name:
         return _entry_point(name)
     raise ValueError(

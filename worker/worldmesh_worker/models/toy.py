@@ -24,13 +24,13 @@ from torch import nn
 
 from worldmesh_worker.models.base import BlockPipeline, frozen, require_input
 from worldmesh_worker.protocol import TensorSpec
+from worldmesh_worker.settings import TOY_BLOCK_DELAY
 
 NAME = "toy"
 SEED = 1234
 WIDTHS = (16, 32, 32, 32, 4)
 #: Environment variable with the per-block delay of ``toy-slow`` in seconds.
-DELAY_ENV = "WORLDMESH_TOY_BLOCK_DELAY_S"
-DEFAULT_SLOW_DELAY_S = 0.01
+DELAY_ENV = TOY_BLOCK_DELAY
 
 
 def toy_weights() -> list[tuple[np.ndarray, np.ndarray]]:
