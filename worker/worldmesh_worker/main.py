@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -97,4 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # found once the model is loaded (e.g. early-exit ramps)
         print(f"worldmesh worker: {exc}", file=sys.stderr)
         return 2
-    return 0
+    # Drained and closed: exit now, without finalizing the interpreter. A world's receive
+    # thread (a daemon) may still be inside gloo's C++ when Python finalizes, and a thread
+    # unwound there aborts the process (SIGABRT, seen after a clean drain on Kubernetes).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
