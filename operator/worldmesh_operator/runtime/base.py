@@ -169,9 +169,11 @@ class WorkerRuntime(ABC):
     def silent(self, worker_id: str) -> bool:
         return worker_id in self._silent
 
-    def forget(self, worker_ids: Iterable[str]) -> None:
-        for worker_id in worker_ids:
-            self._silent.pop(worker_id, None)
+    def keep_clocks(self, worker_ids: Iterable[str]) -> None:
+        """Forget the silence of every worker but ``worker_ids`` (the others are gone)."""
+        kept = set(worker_ids)
+        for worker_id in set(self._silent) - kept:
+            del self._silent[worker_id]
 
 
 _SEVERITY = {WorldState.READY: 0, WorldState.OPENING: 1, WorldState.BROKEN: 2}

@@ -154,7 +154,7 @@ class KubernetesRuntime(WorkerRuntime):
         for gone in set(self._last) - set(self.pods):
             self._last.pop(gone, None)
             self._refused.discard(gone)
-        self.forget(set(self._silent) - set(self.pods))
+        self.keep_clocks(self.pods)
         self.early_exits = {
             pod["metadata"]["name"]: status["earlyExits"]
             for pod, status in zip(pods, statuses, strict=True)

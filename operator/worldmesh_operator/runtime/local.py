@@ -328,7 +328,7 @@ class LocalRuntime(WorkerRuntime):
             w.id for w in self.workers.values() if w.stopping and w.process.poll() is not None
         ]:
             del self.workers[worker_id]
-        self.forget(set(self._silent) - set(self.workers))
+        self.keep_clocks(self.workers)
 
     def _write_targets(self) -> None:
         if self.targets_path is None:
