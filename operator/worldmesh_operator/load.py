@@ -1,7 +1,9 @@
 """``worldmesh load <endpoint>``: a real Open Inference Protocol client sending real samples.
 
-Fashion-MNIST test images (UINT8 ``image``) or Rotten Tomatoes test sentences (BYTES
-``text``), chosen by ``--dataset``; closed loop with ``--concurrency`` clients, or open loop
+Fashion-MNIST test images (UINT8 ``image``), Rotten Tomatoes test sentences (BYTES
+``text``) or the toy model's rows (FP32 ``x [1, 16]``, small integers: its labels are the
+exact reference answer's), chosen by ``--dataset``; by default (``auto``) from the
+model's metadata (``GET`` the endpoint without ``/infer``): its input's name. Closed loop with ``--concurrency`` clients, or open loop
 at ``--rate`` requests/s (Poisson arrivals), for ``--duration`` seconds: at the deadline
 the requests still in flight are cut off (counted apart, neither answered nor failed), so
 it stops on time. Prints a progress line and a summary: requests, errors by HTTP status,
@@ -23,7 +25,10 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-DATASETS = ("fashion-mnist", "rotten-tomatoes")
+DATASETS = ("auto", "fashion-mnist", "rotten-tomatoes", "toy")
+#: The data set whose samples a model takes, by the name of its input.
+BY_INPUT = {"image": "fashion-mnist", "text": "rotten-tomatoes", "x": "toy"}
+TOY_ROWS = 1000
 
 
 @dataclass
@@ -77,10 +82,37 @@ def samples(dataset: str) -> tuple[list[dict[str, Any]], np.ndarray]:
             ]
             for image in images
         ], labels
+    if dataset == "toy":
+        from worldmesh_worker.models.toy import reference
+
+        rows = np.random.default_rng(0).integers(-3, 4, size=(TOY_ROWS, 16)).astype(np.float32)
+        return [
+            [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": row.tolist()}]
+            for row in rows
+        ], reference(rows).argmax(axis=1)
     texts, labels = data.rotten_tomatoes("test")
     return [
         [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [t]}] for t in texts
     ], labels
+
+
+async def dataset_of(endpoint: str) -> str:
+    """The data set for the model at ``endpoint``, from its metadata's input name;
+    ``ValueError`` saying why when it cannot tell."""
+    url = endpoint.removesuffix("/").removesuffix("/infer")
+    try:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+            metadata = await response.json(content_type=None)
+            if response.status != 200:
+                raise ValueError(f"answered {response.status}: {metadata}")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise ValueError(f"cannot read the model's metadata at {url} ({exc})") from None
+    names = [i.get("name") for i in metadata.get("inputs") or [] if isinstance(i, dict)]
+    for name in names:
+        if name in BY_INPUT:
+            return BY_INPUT[name]
+    raise ValueError(f"no samples for a model with inputs {names}")
 
 
 async def drive(
@@ -176,7 +208,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "endpoint", help="the infer URL, e.g. http://127.0.0.1:8080/v2/models/fashion/infer"
     )
-    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    parser.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="auto",
+        help="the samples to send (default: the model's, from its metadata)",
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rate", type=float, help="open loop at this many requests/s")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds")
@@ -189,7 +226,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    summary = await drive(args.endpoint, args.dataset, args.duration, args.concurrency, args.rate)
+    dataset = args.dataset
+    if dataset == "auto":
+        try:
+            dataset = await dataset_of(args.endpoint)
+        except ValueError as exc:
+            print(f"worldmesh load: {exc}; choose one with --dataset", file=sys.stderr)
+            return 2
+    summary = await drive(args.endpoint, dataset, args.duration, args.concurrency, args.rate)
     print("\n".join(summary.lines()))
     if summary.error_rate > args.max_error_rate:
         print(

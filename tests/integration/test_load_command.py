@@ -3,7 +3,10 @@
 - every request failing (503): the command exits 1 and says how many failed, against the
   ``--max-error-rate`` it names; with ``--max-error-rate 1`` it exits 0;
 - a server that never answers: the command still stops at ``--duration`` (the requests in
-  flight are cut off and counted apart) and exits 1 (nothing answered).
+  flight are cut off and counted apart) and exits 1 (nothing answered);
+- ``--dataset auto`` (the default) picks the samples from the model's metadata: a real toy
+  worker is driven with toy rows, every answer right; a server without metadata gets a
+  clear error (exit 2) that says to choose ``--dataset``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from worldmesh_operator import load
+from worldmesh_worker.local import LocalPipeline
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,15 +60,19 @@ def args(endpoint: str, *extra: str) -> object:
     return parser.parse_args([endpoint, "--concurrency", "2", *extra])
 
 
+def fashion(endpoint: str, *extra: str) -> object:
+    return args(endpoint, "--dataset", "fashion-mnist", *extra)
+
+
 @pytest.mark.models
 async def test_failed_requests_make_it_exit_1_unless_allowed(
     serve: Callable[[Handler], Awaitable[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = await serve(unavailable)
-    assert await load.main(args(url, "--duration", "1")) == 1  # type: ignore[arg-type]
+    assert await load.main(fashion(url, "--duration", "1")) == 1  # type: ignore[arg-type]
     err = capsys.readouterr().err
     assert "requests failed (100.00%), above --max-error-rate 0" in err
-    code = await load.main(args(url, "--duration", "1", "--max-error-rate", "1"))  # type: ignore[arg-type]
+    code = await load.main(fashion(url, "--duration", "1", "--max-error-rate", "1"))  # type: ignore[arg-type]
     assert code == 1  # allowed, but nothing was answered at all
     assert "no request was answered" in capsys.readouterr().err
 
@@ -75,9 +83,30 @@ async def test_it_stops_at_the_deadline_even_when_nothing_answers(
 ) -> None:
     url = await serve(silent)
     started = time.monotonic()
-    code = await load.main(args(url, "--duration", "1.5"))  # type: ignore[arg-type]
+    code = await load.main(fashion(url, "--duration", "1.5"))  # type: ignore[arg-type]
     took = time.monotonic() - started
     assert code == 1
     assert took < 1.5 + 1.0, f"ran {took:.1f} s for --duration 1.5"
     out = capsys.readouterr().out
     assert "2 in flight at the deadline, cut off" in out, out
+
+
+async def test_it_drives_the_toy_model_chosen_from_its_metadata(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with LocalPipeline("toy", [2], [1, 1], deployment="toys") as pipeline:
+        url = f"{pipeline.front.http_url}/v2/models/toys/infer"
+        assert await load.dataset_of(url) == "toy"
+        assert await load.main(args(url, "--duration", "1")) == 0  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    answered, of = out.split("accuracy ")[1].split(" =")[0].split("/")
+    assert int(answered) > 0 and answered == of, out  # every toy answer is exact
+
+
+async def test_auto_without_metadata_says_to_choose(
+    serve: Callable[[Handler], Awaitable[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = await serve(unavailable)
+    assert await load.main(args(url, "--duration", "1")) == 2  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "cannot read the model's metadata" in err and "choose one with --dataset" in err
