@@ -21,6 +21,7 @@ import common
 import control_bench
 import exits_bench
 import pipeline_bench
+import plan_bench
 import shift_bench
 import worlds_bench
 
@@ -28,6 +29,7 @@ BENCHMARKS = {
     "worlds": worlds_bench.run,
     "pipeline": pipeline_bench.run,
     "control": control_bench.run,
+    "plan": plan_bench.run,
     "exits": exits_bench.run,
     "shift": shift_bench.run,
     "autoscale": autoscale_bench.run,

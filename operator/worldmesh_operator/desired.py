@@ -33,6 +33,8 @@ class Desired:
     stages: tuple[DesiredStage, ...]
     #: The deployment is being deleted: drain and stop everything.
     deleted: bool = False
+    #: Workers of each neighbouring stage a worker opens worlds with (None: all).
+    fan_out: int | None = None
 
 
 def config_digest(config: dict[str, Any]) -> str:
@@ -51,4 +53,4 @@ def desired_of(spec: DeploymentSpec, wishes: dict[int, int], deleted: bool = Fal
         stages.append(
             DesiredStage(stage.index, workers, config_digest(spec.stage_config(stage.index)))
         )
-    return Desired(spec.name, tuple(stages), deleted)
+    return Desired(spec.name, tuple(stages), deleted, spec.worlds.fan_out)

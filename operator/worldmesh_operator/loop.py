@@ -23,7 +23,7 @@ from typing import Any
 from .desired import Desired, desired_of
 from .metrics import ControlMetrics
 from .metrics_source import MetricsSource
-from .reconciler import Action, Observed, WorkerState, plan, summarize
+from .reconciler import Action, Observed, WorkerState, reconcile
 from .runtime.base import Runtime
 from .scaling import Autoscaler, Decision, stage_loads
 from .spec import DeploymentSpec
@@ -131,9 +131,8 @@ class ControlLoop:
         desired = desired_of(self.spec, self.scaling.wishes, deleted)
         observed = await self.runtime.observe()
         failures = list(self.runtime.failures)
-        actions = plan(desired, observed, self.new_id)
+        actions, summary = reconcile(desired, observed, self.new_id)
         errors = await self.runtime.apply(actions)
-        summary = summarize(desired, observed)
         for stage in summary["stages"]:
             bounds = self.spec.stages[stage["stage"]]
             self.metrics.stage(

@@ -28,8 +28,15 @@ Rules, per stage (``live`` = STARTING or READY, and not failed):
   drained (so ``workers == 0`` keeps one), unless the deployment is deleted or the stage
   is no longer desired (the split now has fewer stages): such a stage is drained whole,
   once no desired stage has outdated workers left.
-- Worlds: only READY workers get new worlds, one with every READY, compatible worker of
-  the neighbouring stages (``|stage difference| == 1``, same ``layout``). A DRAINING or
+- Worlds: only READY workers get new worlds, with READY, compatible workers of the
+  neighbouring stages (``|stage difference| == 1``, same ``layout``): with every one
+  (``desired.fan_out`` None), or with a bounded subset (``_fan_out``): each worker gets
+  about ``k`` peers in each neighbouring stage (all of them when it has fewer, more when
+  that stage is larger by a factor, so that each of its workers gets ``k``), every
+  worker's count balanced within one across its stage. The healthy worlds that exist are
+  kept (a join opens about ``k`` worlds per neighbouring stage and closes few), a worker
+  over its share closes its worlds to the busiest peers, and a worker short of peers (a
+  new one, or one whose worlds broke) gets the least-connected ones first. A DRAINING or
   STARTING worker keeps the worlds it has but gets no new one. A world is closed when an
   end is gone, stopped or stopping, when the ends are not neighbours or differ in
   ``layout``, or when it is BROKEN.
@@ -42,6 +49,8 @@ so a plan is deterministic and a close precedes the re-open of the same world.
 
 from __future__ import annotations
 
+import heapq
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
@@ -137,6 +146,7 @@ class _View:
     stages: dict[int, DesiredStage]
     workers: dict[str, ObservedWorker]
     worlds: dict[Pair, WorldState]
+    peers: dict[str, list[tuple[str, WorldState]]]  #: each worker's worlds, by the other end
     frozen: frozenset[str]
     wired: frozenset[str]
     live: dict[int, list[ObservedWorker]]
@@ -188,7 +198,7 @@ def _view(desired: Desired, observed: Observed) -> _View:
     wired = frozenset(
         w.id for ws in live.values() for w in ws if w.state is WorkerState.READY and is_wired(w)
     )
-    return _View(stages, workers, worlds, frozen, wired, live)
+    return _View(stages, workers, worlds, peers, frozen, wired, live)
 
 
 def _scale(
@@ -218,13 +228,25 @@ def _scale(
     return [w.id for w in drains], max(0, need)
 
 
+def reconcile(
+    desired: Desired, observed: Observed, new_id: Callable[[int], str]
+) -> tuple[list[Action], dict[str, Any]]:
+    """``plan`` and ``summarize`` of one observation, derived once (one control tick)."""
+    view = _view(desired, observed)
+    actions = _plan(view, desired, new_id)
+    return actions, _summarize(view, desired, observed, actions)
+
+
 def plan(desired: Desired, observed: Observed, new_id: Callable[[int], str]) -> list[Action]:
     """The actions that move ``observed`` towards ``desired``; ``[]`` once they agree.
 
     ``new_id(stage)`` names each started worker; the caller keeps names unique. Raises
     ``ValueError`` when the desired stages are not numbered 0..n-1.
     """
-    view = _view(desired, observed)
+    return _plan(_view(desired, observed), desired, new_id)
+
+
+def _plan(view: _View, desired: Desired, new_id: Callable[[int], str]) -> list[Action]:
     workers = view.workers
     stop = {
         w.id
@@ -259,16 +281,115 @@ def plan(desired: Desired, observed: Observed, new_id: Callable[[int], str]) -> 
             w
             for ws in view.live.values()
             for w in ws
-            if w.state is WorkerState.READY and w.id not in drain
+            if w.state is WorkerState.READY and w.id not in drain and w.id not in gone
         ]
-        for x in openers:
-            for y in openers:
-                now = view.worlds.get((x.id, y.id))
-                if x.id < y.id and _compatible(x, y, gone) and now in (None, WorldState.BROKEN):
-                    actions.append(OpenWorld(x.id, y.id))
+        opens, trims = _fan_out(view, openers, desired.fan_out)
+        actions += [OpenWorld(a, b) for a, b in opens]
+        actions += [CloseWorld(a, b) for a, b in trims]
     actions.extend(StopWorker(w) for w in stop)
     actions.extend(DrainWorker(w) for w in drain)
     return sorted(actions, key=lambda a: (_RANK[type(a)], astuple(a)))
+
+
+def _fan_out(
+    view: _View, openers: list[ObservedWorker], k: int | None
+) -> tuple[list[Pair], list[Pair]]:
+    """The worlds to open, and the healthy ones to close, between READY workers of
+    neighbouring stages (see the module docstring); linear in the worlds it keeps."""
+    groups: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for w in openers:
+        groups[(w.stage, w.layout)].append(w.id)
+    opens: list[Pair] = []
+    trims: list[Pair] = []
+    for (stage, layout), upper in sorted(groups.items()):
+        lower = groups.get((stage + 1, layout))
+        if not lower:
+            continue
+        if k is None:  # every pair: nothing to balance
+            opens += [
+                (min(a, b), max(a, b))
+                for a in upper
+                for b in lower
+                if view.worlds.get((min(a, b), max(a, b))) in (None, WorldState.BROKEN)
+            ]
+            continue
+        o, t = _subset(view, upper, lower, k)
+        opens += o
+        trims += t
+    return opens, trims
+
+
+def _subset(
+    view: _View, upper: list[str], lower: list[str], k: int
+) -> tuple[list[Pair], list[Pair]]:
+    """Bounded fan-out between two neighbouring stages' workers: each side's degrees
+    within one of their share of ``max(n * min(k, m), m * min(k, n))`` worlds."""
+    n, m = len(upper), len(lower)
+    total = max(n * min(k, m), m * min(k, n))
+    side = {w: 0 for w in upper} | {w: 1 for w in lower}
+    lo = (total // n, total // m)
+    hi = (-(-total // n), -(-total // m))
+    adj: dict[str, set[str]] = {w: set() for w in side}
+    for w in upper:  # the healthy worlds there are, kept unless a side is over its share
+        for p, state in view.peers.get(w, []):
+            if side.get(p) == 1 and state is not WorldState.BROKEN:
+                adj[w].add(p)
+                adj[p].add(w)
+    kept = {(min(a, b), max(a, b)) for a in upper for b in adj[a]}
+
+    def drop(x: str, y: str) -> None:
+        adj[x].discard(y)
+        adj[y].discard(x)
+
+    for x in sorted(side):  # over its share: close its worlds to the busiest peers
+        while len(adj[x]) > hi[side[x]]:
+            y = max(adj[x], key=lambda y: (len(adj[y]) - lo[side[y]], y))
+            drop(x, y)
+    for this, other in ((upper, lower), (lower, upper)):
+        heap = [(len(adj[y]), _spread(y), y) for y in other]
+        heapq.heapify(heap)
+        for x in sorted(this):
+            want = lo[side[x]]
+            while len(adj[x]) < want:
+                y = _least_connected(heap, adj, x)
+                if y is None:
+                    break  # connected to every one already
+                if len(adj[y]) >= hi[side[y]]:  # full: it gives up a world of a richer peer
+                    richer = [z for z in adj[y] if len(adj[z]) > lo[side[z]]]
+                    if richer:
+                        drop(y, max(richer, key=lambda z: (len(adj[z]), z)))
+                adj[x].add(y)
+                adj[y].add(x)
+                heapq.heappush(heap, (len(adj[y]), _spread(y), y))
+    final = {(min(a, b), max(a, b)) for a in upper for b in adj[a]}
+    return sorted(final - kept), sorted(kept - final)
+
+
+def _least_connected(
+    heap: list[tuple[int, int, str]], adj: dict[str, set[str]], x: str
+) -> str | None:
+    """The peer with the fewest worlds that ``x`` has none with (``heap`` is lazy)."""
+    skipped = []
+    found = None
+    while heap:
+        count, order, y = heapq.heappop(heap)
+        if count != len(adj[y]):
+            heapq.heappush(heap, (len(adj[y]), order, y))  # stale: again, as it is now
+            continue
+        if y in adj[x]:
+            skipped.append((count, order, y))
+            continue
+        found = y
+        break
+    for entry in skipped:
+        heapq.heappush(heap, entry)
+    return found
+
+
+def _spread(worker: str) -> int:
+    """A stable order between equally connected peers that is not the ids' (new workers'
+    ids would otherwise all start with the same peers)."""
+    return zlib.crc32(worker.encode())
 
 
 def _compatible(x: ObservedWorker | None, y: ObservedWorker | None, gone: set[str]) -> bool:
@@ -286,6 +407,12 @@ def summarize(desired: Desired, observed: Observed) -> dict[str, Any]:
     draining or a world opening); Ready.
     """
     view = _view(desired, observed)
+    return _summarize(view, desired, observed, _plan(view, desired, lambda s: f"new-s{s}"))
+
+
+def _summarize(
+    view: _View, desired: Desired, observed: Observed, planned: list[Action]
+) -> dict[str, Any]:
     stages = []
     for index, stage in sorted(view.stages.items()):
         mine = [w for w in view.workers.values() if w.stage == index]
@@ -301,7 +428,7 @@ def summarize(desired: Desired, observed: Observed) -> dict[str, Any]:
             }
         )
     worlds = {s.name.lower(): sum(v is s for v in view.worlds.values()) for s in WorldState}
-    phase, reason = _phase(desired, observed, view, stages, worlds)
+    phase, reason = _phase(desired, observed, view, stages, worlds, planned)
     return {"phase": phase, "reason": reason, "stages": stages, "worlds": worlds}
 
 
@@ -311,6 +438,7 @@ def _phase(
     view: _View,
     stages: list[dict[str, int]],
     worlds: dict[str, int],
+    planned: list[Action],
 ) -> tuple[str, str]:
     if desired.deleted:
         left = len(view.workers)
@@ -332,7 +460,7 @@ def _phase(
                 f"stage {s['stage']}: {s['updated']}/{s['desired']} updated and ready",
             )
     draining = sum(s["draining"] for s in stages)
-    if draining or worlds["opening"] or plan(desired, observed, lambda stage: f"new-s{stage}"):
+    if draining or worlds["opening"] or planned:
         return "Progressing", f"{draining} workers draining, {worlds['opening']} worlds opening"
     workers = sum(s["ready"] for s in stages)
     return "Ready", f"{len(stages)} stages, {workers} workers, {worlds['ready']} worlds ready"

@@ -74,6 +74,9 @@ class WorldsSpec:
     heartbeat_interval_ms: float = 100.0
     heartbeat_timeout_ms: float = 800.0
     max_message_bytes: int = 256 << 20
+    #: Workers of each neighbouring stage a worker opens worlds with; None: all of them.
+    #: The operator's concern only: not part of the worker config (a change rolls nothing).
+    fan_out: int | None = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +235,7 @@ def parse_spec(manifest: Any, crd: Path | None = None) -> DeploymentSpec:
             heartbeat_interval_ms=float(worlds["heartbeatIntervalMs"]),
             heartbeat_timeout_ms=float(worlds["heartbeatTimeoutMs"]),
             max_message_bytes=worlds["maxMessageBytes"],
+            fan_out=None if worlds["fanOut"] == "all" else int(worlds["fanOut"]),
         ),
         autoscaling=AutoscalingSpec(
             enabled=scaling["enabled"],

@@ -19,7 +19,11 @@ Covers:
 - deleted drains all, stops the drained and dead, starts and opens nothing;
 - determinism (same observation, same plan; sorted actions), no repeat of an action
   once reflected, and convergence to [] from random observations, with random deaths;
-- ``summarize``: counts and phases (Pending, Progressing, Ready, Degraded, Deleting).
+- ``summarize``: counts and phases (Pending, Progressing, Ready, Degraded, Deleting);
+- bounded fan-out (``fan_out`` k): converged deployments give every worker its share of
+  worlds to each neighbouring stage, balanced within one (random sizes and failures too);
+  a join opens about ``k`` worlds per neighbouring stage and closes none; a worker whose
+  whole subset to a stage died gets new peers in the same plan.
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ def L(a: str, b: str, state: WorldState = R) -> ObservedWorld:
     return ObservedWorld(a, b, state)
 
 
-def want(*counts: int, h: str = "h", deleted: bool = False) -> Desired:
-    return Desired("d", tuple(DesiredStage(i, n, h) for i, n in enumerate(counts)), deleted)
+def want(*counts: int, h: str = "h", deleted: bool = False, fan_out: int | None = None) -> Desired:
+    stages = tuple(DesiredStage(i, n, h) for i, n in enumerate(counts))
+    return Desired("d", stages, deleted, fan_out)
 
 
 def obs(*items: ObservedWorker | ObservedWorld) -> Observed:
@@ -413,6 +418,10 @@ class Sim:
             assert len(mine) == max(s.workers, 1), mine
             assert all(w.state is S.READY and w.config_hash == s.config_hash for w in mine), mine
         assert all(w.stage < len(self.desired.stages) for w in self.workers.values())
+        if self.desired.fan_out is not None:
+            assert set(self.worlds.values()) <= {R}
+            assert_fanned_out(self, self.desired.fan_out)
+            return
         expected = {
             (min(x, y), max(x, y))
             for x, y in itertools.permutations(self.workers, 2)
@@ -616,3 +625,93 @@ def test_summarize_counts() -> None:
     }
     assert status["worlds"] == {"opening": 0, "ready": 3, "broken": 1}
     assert status["phase"] == "Degraded" and "y2/z" in status["reason"]
+
+
+# --- bounded fan-out --------------------------------------------------------------------
+
+
+def degrees(sim: Sim, stage: int, toward: int) -> dict[str, int]:
+    """Each worker of ``stage``: its worlds with workers of stage ``toward``."""
+    mine = {w for w, o in sim.workers.items() if o.stage == stage}
+    theirs = {w for w, o in sim.workers.items() if o.stage == toward}
+    count = dict.fromkeys(mine, 0)
+    for a, b in sim.worlds:
+        for x, y in ((a, b), (b, a)):
+            if x in mine and y in theirs:
+                count[x] += 1
+    return count
+
+
+def assert_fanned_out(sim: Sim, k: int) -> None:
+    """Every worker's worlds to each neighbouring stage: its share of ``max(n * min(k, m),
+    m * min(k, n))``, within one of every other worker of its stage, and at least one."""
+    stages = len(sim.desired.stages)
+    for stage in range(stages - 1):
+        up, down = degrees(sim, stage, stage + 1), degrees(sim, stage + 1, stage)
+        n, m = len(up), len(down)
+        total = max(n * min(k, m), m * min(k, n))
+        assert sum(up.values()) == sum(down.values()) == total, (stage, up, down)
+        for side in (up, down):
+            assert max(side.values()) - min(side.values()) <= 1, (stage, side)
+            assert min(side.values()) >= 1
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("counts", [(1, 1), (4, 4, 4), (8, 8, 8), (2, 8, 3), (8, 2), (5, 7, 6)])
+def test_fan_out_converges_balanced(counts: tuple[int, ...], k: int) -> None:
+    sim = converged_sim(want(*counts, fan_out=k))
+    assert plan(sim.desired, sim.observe(), namer()) == []
+
+
+def test_fan_out_all_is_every_pair() -> None:
+    sim = converged_sim(want(3, 4))
+    assert len(sim.worlds) == 12
+
+
+def test_a_join_opens_k_worlds_per_neighbour_and_closes_none() -> None:
+    sim = converged_sim(want(4, 4, 4, fan_out=2))
+    sim.desired = want(4, 5, 4, fan_out=2)
+    sim.apply(plan(sim.desired, sim.observe(), namer("j")))
+    sim.tick()  # the new worker is READY
+    actions = plan(sim.desired, sim.observe(), namer("j"))
+    opens = [a for a in actions if isinstance(a, OpenWorld)]
+    assert len(opens) == 4 and all("j1-0" in (a.a, a.b) for a in opens), actions
+    assert not [a for a in actions if isinstance(a, CloseWorld)]
+    sim.apply(actions)
+    sim.tick()
+    sim.assert_converged()
+
+
+def test_a_worker_whose_whole_subset_died_gets_new_peers_at_once() -> None:
+    sim = converged_sim(want(4, 4, 4, fan_out=2))
+    y = sorted(w for w, o in sim.workers.items() if o.stage == 1)[0]
+    peers = [p for pair in sim.worlds for p in pair if y in pair and sim.workers[p].stage == 2]
+    assert len(peers) == 2
+    for p in peers:
+        sim.kill(p)
+    actions = plan(sim.desired, sim.observe(), namer("r"))
+    fresh = {
+        p for a in actions if isinstance(a, OpenWorld) and y in (a.a, a.b) for p in (a.a, a.b)
+    } - {y}
+    assert fresh and not fresh & set(peers), actions  # the living ones, in this very plan
+    assert all(sim.workers[p].state is S.READY for p in fresh)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_scenarios_converge_with_fan_out(seed: int) -> None:
+    rng = random.Random(seed)
+    sim, kills = random_scenario(rng)
+    sim.desired = replace(sim.desired, fan_out=rng.choice([1, 2, 3]))
+    new_id = namer()
+    for _ in range(kills):
+        for _ in range(rng.randint(1, 3)):
+            sim.apply(plan(sim.desired, sim.observe(), new_id))
+            sim.tick()
+        live = sorted(w for w, o in sim.workers.items() if o.state is S.READY)
+        if live:
+            sim.kill(rng.choice(live))
+    run(sim, new_id, 40)
+    if sim.desired.deleted:
+        assert sim.workers == {} and sim.worlds == {}
+    else:
+        sim.assert_converged()
