@@ -8,7 +8,10 @@ Covers:
 - an end whose event loop is busy with its own work (pure Python, holding the GIL as
   much as it can) for three heartbeat timeouts is not judged frozen by its peer, nor does
   it judge its peer frozen when the loop frees up: the heartbeats run on a thread of
-  their own; a SIGSTOPped worker is judged frozen within the timeout.
+  their own; a SIGSTOPped worker is judged frozen within the timeout;
+- a world's rendezvous (its TCPStore) and heartbeat listener are on the hosting worker's
+  own address only, and an open that no peer joins leaves no thread, socket or file
+  descriptor behind once it has failed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -154,3 +158,37 @@ async def test_a_busy_end_is_not_judged_frozen_but_a_stopped_one_is():
             assert "no heartbeat" in peer.manager.failures[name]
         finally:
             os.kill(worker.pid, signal.SIGCONT)
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+async def test_a_rendezvous_listens_on_its_own_address_and_a_failed_open_leaves_nothing():
+    down: list[str] = []
+    manager = WorldManager(
+        "aaa-s0",
+        "127.0.0.7",
+        WorldOptions(open_timeout_s=1.0),
+        lambda world, message: None,
+        lambda world: down.append(world.name),
+    )
+    here = os.getpid()
+    await manager.open("zzz-s1")  # warm-up: the first open starts threads that stay
+    await wait_until(lambda: not manager.opening, 10, "the warm-up open failed")
+    before = counts(here)
+    for _ in range(3):
+        info = await manager.open("zzz-s1")  # hosted: this end sorts first; nobody joins
+        for key in ("store", "heartbeat"):
+            host, _, port = info[key].rpartition(":")
+            assert host == "127.0.0.7"
+            assert reachable("127.0.0.7", int(port)), key
+            assert not reachable("127.0.0.1", int(port)), f"{key} listens on every address"
+        await wait_until(lambda: not manager.opening, 10, "the open failed")
+    # The failed opens' threads end and their sockets close; a leak never gets there.
+    await wait_until(lambda: counts(here) == before, 5, f"back to {before} (fds, threads)")
+    await manager.close_all()

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import os
 import re
 import socket
 import time
@@ -142,12 +143,7 @@ class WorldManager:
         # Even the host's own store may stall (its address lookup waits on DNS, 5 s seen
         # here): never on the event loop, which must keep every other world's heartbeat.
         store = await asyncio.wait_for(
-            in_own_thread(
-                lambda: dist.TCPStore(
-                    self.host, 0, 2, True, wait_for_workers=False, timeout=timeout
-                ),
-                f"store:{name}",
-            ),
+            in_own_thread(lambda: _store_server(self.host, timeout), f"store:{name}"),
             self.options.open_timeout_s,
         )
         listener = socket.create_server((self.host, 0))
@@ -170,6 +166,7 @@ class WorldManager:
         self.opening[name] = info
 
         async def finish() -> None:
+            nonlocal store
             try:
                 async with asyncio.timeout(self.options.open_timeout_s):
                     pg = await in_own_thread(
@@ -196,6 +193,9 @@ class WorldManager:
                 listener.close()  # ends a wait in accept(): it raises OSError
                 with contextlib.suppress(OSError, TimeoutError):
                     (await accepted).close()  # a peer that joined too late: hung up
+                # The store's thread and sockets end with its last reference: drop ours
+                # now, not whenever the cyclic garbage collector finds this frame.
+                store = None
             finally:
                 listener.close()
                 self.opening.pop(name, None)
@@ -328,6 +328,27 @@ class WorldManager:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _store_server(host: str, timeout: datetime.timedelta) -> Any:
+    """A world's rendezvous (``TCPStore`` server) listening on ``host`` only: left to
+    itself, TCPStore listens on every interface of the machine."""
+    listener = socket.create_server((host, 0))
+    port = listener.getsockname()[1]
+    fd = listener.detach()  # the store owns the socket from here
+    try:
+        return dist.TCPStore(
+            host,
+            port,
+            2,
+            True,
+            wait_for_workers=False,
+            timeout=timeout,
+            master_listen_fd=fd,
+        )
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _accept_peer(listener: socket.socket, name: str, timeout_s: float) -> socket.socket:

@@ -31,6 +31,10 @@ async def in_own_thread(fn: Callable[[], T], name: str) -> T:
             error = exc
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
             loop.call_soon_threadsafe(settle, result, error)
+        # An error's traceback holds this frame, and this frame the error: a cycle that
+        # only the cyclic collector frees, with whatever the call held (a world's store:
+        # its thread and sockets). Break it.
+        del result, error
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return await future
