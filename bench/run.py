@@ -20,6 +20,7 @@ import cluster_bench
 import common
 import control_bench
 import exits_bench
+import growth_bench
 import pipeline_bench
 import plan_bench
 import shift_bench
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "pipeline": pipeline_bench.run,
     "control": control_bench.run,
     "plan": plan_bench.run,
+    "growth": growth_bench.run,
     "exits": exits_bench.run,
     "shift": shift_bench.run,
     "autoscale": autoscale_bench.run,

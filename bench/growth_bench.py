@@ -1,0 +1,207 @@
+"""What a deployment costs as its stages grow, at full fan-out and at fan-out 2.
+
+``worldmesh run``'s loop on a 3-stage ``toy-slow`` deployment (1 ms per block) with N
+workers in every stage, N = 1, 2, 4, 8, once with ``spec.worlds.fanOut: all`` (every pair
+of neighbouring workers) and once with 2, one after the other in the same run:
+
+- worlds once converged; seconds from the start to the first answer through the
+  deployment's one endpoint (``worldmesh run``'s front service, round robin over the front
+  workers), and to every world open (the last step's summary: Ready, no world opening,
+  nothing planned);
+- per worker, medians over the deployment: threads, file descriptors and RSS (``/proc``);
+  the deployment's idle CPU (cores, over 5 s with no request);
+- throughput: a closed loop of 8 clients for 6 s, and the share of the middle stage's rows
+  each of its workers computed (max / mean: balanced is 1.0).
+
+Goals at N = 8 with fan-out 2: every world open within 5 s of the first answer (from the
+start, 24 worker processes must first load torch on 2 cores: reported beside it), idle CPU
+of the deployment under 0.2 cores, throughput no lower than at N = 4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from common import Figure
+
+from worldmesh_operator.run import LocalDeployment
+from worldmesh_worker.control import wait_until
+from worldmesh_worker.loadgen import ClosedLoop, toy_request
+
+SIZES = (1, 2, 4, 8)
+FAN_OUTS: tuple[int | str, ...] = ("all", 2)
+SLOW = {"WORLDMESH_TOY_BLOCK_DELAY_S": "0.001"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def manifest(n: int, fan_out: int | str) -> dict[str, Any]:
+    pinned = {"min": n, "max": n}
+    return {
+        "apiVersion": "worldmesh.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "growth"},
+        "spec": {
+            "model": {"name": "toy-slow", "splitPoints": [1, 3]},
+            "stages": [{"name": s, "replicas": pinned} for s in ("a", "b", "c")],
+            "worlds": {"fanOut": fan_out},
+        },
+    }
+
+
+def proc(pid: int) -> tuple[int, int, float, float]:
+    """(threads, fds, RSS MiB, CPU seconds) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    threads = int(fields["Threads"])
+    rss = int(fields["VmRSS"].split()[0]) / 1024
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    cpu = (int(stat[11]) + int(stat[12])) / CLK_TCK
+    return threads, fds, rss, cpu
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+async def middle_rows(deployment: LocalDeployment) -> dict[str, float]:
+    """Rows each middle-stage worker computed, from its ``/metrics``."""
+    rows = {}
+    async with aiohttp.ClientSession() as session:
+        for worker, stage, url in deployment.runtime.targets():
+            if stage != 1:
+                continue
+            async with session.get(f"{url}/metrics") as response:
+                text = await response.text()
+            rows[worker] = sum(
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("worldmesh_batch_size_sum")
+            )
+    return rows
+
+
+async def one(n: int, fan_out: int | str, workdir: Path) -> dict[str, Any]:
+    path = workdir / f"growth-{n}-{fan_out}.yaml"
+    path.write_text(yaml.safe_dump(manifest(n, fan_out)))
+    deployment = LocalDeployment(
+        path, workdir / f"run-{n}-{fan_out}", env=SLOW, out=lambda _: None, port=0
+    )
+    start = time.monotonic()
+    task = asyncio.create_task(deployment.run())
+    try:
+        body, _ = toy_request(0)
+        async with aiohttp.ClientSession() as session:
+
+            async def answered() -> bool:
+                endpoint = deployment.runtime.endpoint
+                if not endpoint:
+                    return False
+                try:
+                    async with session.post(endpoint, json=body) as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_until(answered, 180, f"N={n} answering", interval=0.05)
+        ready = time.monotonic() - start
+
+        def settled() -> bool:
+            step = deployment.loop.last
+            return (
+                step is not None
+                and step.summary["phase"] == "Ready"
+                and not step.summary["worlds"]["opening"]
+                and not step.actions
+            )
+
+        await wait_until(settled, 180, f"N={n} worlds open", interval=0.05)
+        opened = time.monotonic() - start
+        worlds = deployment.loop.last.summary["worlds"]["ready"]  # type: ignore[union-attr]
+        pids = [w.process.pid for w in deployment.runtime.live()]
+        before = {pid: proc(pid) for pid in pids}
+        await asyncio.sleep(5.0)
+        after = {pid: proc(pid) for pid in pids}
+        idle = sum(after[p][3] - before[p][3] for p in pids) / 5.0
+        rows_before = await middle_rows(deployment)
+        async with ClosedLoop(deployment.runtime.endpoint, toy_request, 8) as load:
+            await load.answered(20)
+            counted = load.result.ok
+            t0 = time.monotonic()
+            await asyncio.sleep(6.0)
+            rate = (load.result.ok - counted) / (time.monotonic() - t0)
+        rows_after = await middle_rows(deployment)
+        shares = [rows_after[w] - rows_before.get(w, 0.0) for w in rows_after]
+        mean = sum(shares) / len(shares) if shares else 0.0
+        return {
+            "workers_per_stage": n,
+            "fan_out": fan_out,
+            "worlds": worlds,
+            "first_answer_s": round(ready, 2),
+            "worlds_open_s": round(opened, 2),
+            "threads": median([after[p][0] for p in pids]),
+            "fds": median([after[p][1] for p in pids]),
+            "rss_mib": round(median([after[p][2] for p in pids]), 1),
+            "idle_cores": round(idle, 3),
+            "throughput_rps": round(rate, 1),
+            "middle_max_over_mean": round(max(shares) / mean, 3) if mean else None,
+            "lost": load.result.lost,
+        }
+    finally:
+        deployment.delete()
+        await asyncio.wait_for(task, 120)
+
+
+async def run(quick: bool = False) -> list[Figure]:
+    sizes = SIZES[:3] if quick else SIZES
+    rows: dict[tuple[int, int | str], dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="worldmesh-growth-") as tmp:
+        for n in sizes:
+            for fan_out in FAN_OUTS:
+                rows[(n, fan_out)] = await one(n, fan_out, Path(tmp))
+    table = [rows[key] for key in sorted(rows, key=lambda k: (k[0], str(k[1])))]
+    top = sizes[-1]
+    bounded, full = rows[(top, 2)], rows[(top, "all")]
+    below = rows[(sizes[-2], 2)]
+
+    def figure(name: str, key: str, unit: str, goal: str = "", scale: float = 1.0) -> Figure:
+        return Figure(
+            f"N={top} per stage, fan-out 2: {name}",
+            bounded[key] * scale,
+            unit,
+            goal,
+            f"fan-out all: {full[key] * scale:.4g} {unit}",
+            detail={"table": table} if key == "worlds" else {},
+        )
+
+    return [
+        figure("worlds", "worlds", ""),
+        Figure(
+            f"N={top} per stage, fan-out 2: every world open, after the first answer",
+            bounded["worlds_open_s"] - bounded["first_answer_s"],
+            "s",
+            "<= 5",
+            f"fan-out all: {full['worlds_open_s'] - full['first_answer_s']:.2f} s; from the start: "
+            f"{bounded['worlds_open_s']:.2f} s (all: {full['worlds_open_s']:.2f} s)",
+        ),
+        figure("idle CPU of the deployment", "idle_cores", "cores", "<= 0.2"),
+        figure("threads per worker (median)", "threads", ""),
+        figure("RSS per worker (median)", "rss_mib", "MiB"),
+        Figure(
+            f"N={top} per stage, fan-out 2: throughput over N={sizes[-2]}'s",
+            bounded["throughput_rps"] / below["throughput_rps"],
+            "x",
+            ">= 1",
+            f"{bounded['throughput_rps']} vs {below['throughput_rps']} requests/s; "
+            f"fan-out all at N={top}: {full['throughput_rps']} requests/s",
+        ),
+        figure("middle stage's busiest worker over the mean", "middle_max_over_mean", "x"),
+    ]
