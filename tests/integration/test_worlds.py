@@ -11,7 +11,10 @@ Covers:
   their own; a SIGSTOPped worker is judged frozen within the timeout;
 - a world's rendezvous (its TCPStore) and heartbeat listener are on the hosting worker's
   own address only, and an open that no peer joins leaves no thread, socket or file
-  descriptor behind once it has failed.
+  descriptor behind once it has failed;
+- a world's host refuses a heartbeat peer that is not the expected one (garbage, another
+  deployment's token, the wrong rank) and goes on waiting: the expected peer then joins;
+  a joiner with another token gives up on the host, naming why.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ import torch
 from worldmesh_worker.control import wait_until
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
 from worldmesh_worker.local import LocalPipeline
-from worldmesh_worker.worlds import Message, MessageKind, WorldManager, WorldOptions
+from worldmesh_worker.worlds import (
+    Message,
+    MessageKind,
+    WorldBroken,
+    WorldManager,
+    WorldOptions,
+    WorldState,
+)
+from worldmesh_worker.worlds.manager import _hello
 from worldmesh_worker.worlds.wire import HEADER_LEN, MAGIC
 
 FAKE = "fake-s0"  # this process plays a stage-0 worker of the pipeline
@@ -41,7 +52,7 @@ def counts(pid: int) -> tuple[int, int]:
 class Peer:
     """A WorldManager in this process that records what it receives."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str) -> None:
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()
         self.down: list[str] = []
         self.manager = WorldManager(
@@ -50,6 +61,7 @@ class Peer:
             WorldOptions(),
             self._receive,
             lambda world: self.down.append(world.name),
+            token=token,  # the pipeline's: its workers check it
         )
 
     def _receive(self, world, message: Message) -> None:
@@ -75,7 +87,7 @@ async def _state(worker, name: str, state: str) -> dict | None:
 async def test_opening_and_closing_200_worlds_leaks_nothing():
     async with LocalPipeline("toy", [2], [1, 1]) as pipeline:
         worker = pipeline.stage(1)[0]
-        peer = Peer()
+        peer = Peer(pipeline.token)
         here = os.getpid()
         rows = torch.ones(3, 32)
         baseline = {}
@@ -110,7 +122,7 @@ async def _gone(worker, name: str) -> bool:
 async def test_malformed_message_breaks_only_that_world(bad):
     async with LocalPipeline("toy", [2], [1, 1], worlds={"maxMessageBytes": 65536}) as pipeline:
         worker = pipeline.stage(1)[0]
-        peer = Peer()
+        peer = Peer(pipeline.token)
         name = await peer.open(worker)
         world = peer.manager.worlds[name]
         if bad == "garbage header":
@@ -136,7 +148,7 @@ async def test_malformed_message_breaks_only_that_world(bad):
 async def test_a_busy_end_is_not_judged_frozen_but_a_stopped_one_is():
     async with LocalPipeline("toy", [2], [1, 1]) as pipeline:
         worker = pipeline.stage(1)[0]
-        peer = Peer()
+        peer = Peer(pipeline.token)
         name = await peer.open(worker)
         timeout = WorldOptions().heartbeat_timeout_s
         busy_until = time.monotonic() + 3 * timeout
@@ -190,5 +202,52 @@ async def test_a_rendezvous_listens_on_its_own_address_and_a_failed_open_leaves_
             assert not reachable("127.0.0.1", int(port)), f"{key} listens on every address"
         await wait_until(lambda: not manager.opening, 10, "the open failed")
     # The failed opens' threads end and their sockets close; a leak never gets there.
-    await wait_until(lambda: counts(here) == before, 5, f"back to {before} (fds, threads)")
+    try:
+        await wait_until(lambda: counts(here) == before, 5, "the counts back")
+    except TimeoutError:
+        raise AssertionError(f"{counts(here)} (fds, threads), {before} before") from None
     await manager.close_all()
+
+
+def refused(address: str, hello: bytes) -> bool:
+    """Whether the host hangs up on a heartbeat connection that says ``hello``."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(hello)
+        sock.settimeout(5)
+        try:
+            return sock.recv(1024) == b""
+        except ConnectionResetError:
+            return True
+
+
+async def test_a_host_refuses_the_wrong_peers_and_takes_the_right_one():
+    def manager(worker: str, host: str, token: str) -> WorldManager:
+        return WorldManager(
+            worker, host, WorldOptions(open_timeout_s=5.0), lambda w, m: None, lambda w: None,
+            token=token,
+        )  # fmt: skip
+
+    host = manager("aaa-s0", "127.0.0.7", "ours")
+    info = await host.open("zzz-s1")
+    name = info["name"]
+    for wrong in (
+        b"GET / HTTP/1.1\r\n\r\n" + b" " * 80,  # not a world's hello at all
+        _hello(b"join", name, "theirs"),  # another deployment's token
+        _hello(b"host", name, "ours"),  # the wrong rank
+        _hello(b"join", "aaa-s0~other-s1", "ours"),  # another world
+    ):
+        assert await asyncio.to_thread(refused, info["heartbeat"], wrong), wrong
+    stranger = manager("zzz-s1", "127.0.0.8", "theirs")
+    with pytest.raises(WorldBroken, match="another deployment's token"):
+        await stranger.open("aaa-s0", store=info["store"], heartbeat=info["heartbeat"])
+    assert name in host.opening  # still waiting for its peer
+    peer = manager("zzz-s1", "127.0.0.8", "ours")
+    await peer.open("aaa-s0", store=info["store"], heartbeat=info["heartbeat"])
+    await wait_until(
+        lambda: name in host.worlds and host.worlds[name].state is WorldState.READY,
+        10,
+        "the right peer joined",
+    )
+    for m in (host, peer, stranger):
+        await m.close_all()

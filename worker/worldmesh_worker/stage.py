@@ -71,6 +71,7 @@ class Stage:
             self._on_world_down,
             self.device,
             on_ready=self._world_ready,
+            token=config.token,  # both ends of a world prove they hold it
         )
         self.router: Router | None = None
         if not config.is_last:

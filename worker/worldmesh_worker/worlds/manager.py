@@ -10,6 +10,12 @@ Opening a world takes one call on each end (the control plane makes them):
    before any ``TCPStore`` client call (those hang past 60 s against a frozen host,
    whatever their timeout), then builds its side of the group.
 
+The two hellos name the world and the end's role (host or join: its rank) and carry an
+HMAC of both under the deployment's control token, so each end knows its peer is the
+expected one: the host refuses any other connection (wrong world, rank or token) and
+goes on waiting for its peer; the joiner gives up on a host that is not. The store and
+the heartbeat listener bind to the worker's own address only.
+
 The heartbeat channel is a plain socket, connected on a thread of its own and then
 handed to the worker's heartbeat thread (``heartbeat.py``), never to the event loop.
 
@@ -25,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -89,8 +97,12 @@ class WorldManager:
         on_down: DownHandler,
         device: torch.device | None = None,
         on_ready: DownHandler = lambda world: None,
+        token: str = "",
     ) -> None:
+        """``token``: the deployment's control token, which both ends of a world prove
+        they hold (its peers are given the same)."""
         self.worker = check_worker_id(worker)
+        self._token = token
         self.host = host
         self.options = options
         self.device = device or torch.device("cpu")
@@ -150,7 +162,7 @@ class WorldManager:
         hb_port = listener.getsockname()[1]
         accepted = asyncio.ensure_future(
             in_own_thread(
-                lambda: _accept_peer(listener, name, self.options.open_timeout_s),
+                lambda: _accept_peer(listener, name, self._token, self.options.open_timeout_s),
                 f"heartbeat:{name}",
             )
         )
@@ -217,7 +229,9 @@ class WorldManager:
         try:
             async with asyncio.timeout(self.options.open_timeout_s):
                 sock = await in_own_thread(
-                    lambda: _connect_peer(heartbeat, name, self.options.open_timeout_s),
+                    lambda: _connect_peer(
+                        heartbeat, name, self._token, self.options.open_timeout_s
+                    ),
                     f"heartbeat:{name}",
                 )
 
@@ -351,34 +365,65 @@ def _store_server(host: str, timeout: datetime.timedelta) -> Any:
         raise
 
 
-def _accept_peer(listener: socket.socket, name: str, timeout_s: float) -> socket.socket:
-    """The host's end of the heartbeat channel: the first peer to connect gets the hello
-    naming the world (blocking, bounded: run on a thread of its own)."""
-    listener.settimeout(timeout_s)
-    sock, _ = listener.accept()
-    try:
-        sock.settimeout(timeout_s)
-        sock.sendall(_HELLO + name.encode() + b"\n")
-    except OSError:
+def _hello(role: bytes, name: str, token: str) -> bytes:
+    """One end's hello: the world, the end's role (``host``: rank 0, ``join``: rank 1),
+    and an HMAC of both under the deployment's token."""
+    said = role + b" " + name.encode()
+    proof = hmac.new(token.encode(), said, hashlib.sha256).hexdigest().encode()
+    return _HELLO + said + b" " + proof + b"\n"
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    """Up to ``n`` bytes, fewer only when the peer hangs up (its heartbeats may follow)."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _accept_peer(listener: socket.socket, name: str, token: str, timeout_s: float) -> socket.socket:
+    """The host's end of the heartbeat channel: the first connection whose hello proves
+    it is world ``name``'s joining end gets the host's hello; any other is refused and
+    the wait goes on (blocking, bounded: run on a thread of its own)."""
+    deadline = time.monotonic() + timeout_s
+    expected = _hello(b"join", name, token)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no peer of world {name} within {timeout_s:g} s")
+        listener.settimeout(left)
+        sock, address = listener.accept()
+        try:
+            sock.settimeout(min(left, max(1.0, timeout_s / 4)))  # a legit peer says it at once
+            said = _read_exactly(sock, len(expected))
+            if hmac.compare_digest(said, expected):
+                sock.settimeout(timeout_s)
+                sock.sendall(_hello(b"host", name, token))
+                listener.close()  # one peer per world
+                return sock
+        except OSError:
+            pass
         sock.close()
-        raise
-    listener.close()  # one peer per world
-    return sock
+        log.warning("world %s: refused a heartbeat connection from %s:%d", name, *address[:2])
 
 
-def _connect_peer(address: tuple[str, int], name: str, timeout_s: float) -> socket.socket:
-    """The joiner's end: connect and read the host's hello, which must name this world."""
+def _connect_peer(
+    address: tuple[str, int], name: str, token: str, timeout_s: float
+) -> socket.socket:
+    """The joiner's end: connect, say its hello, and read the host's, which must prove
+    it is world ``name``'s host."""
     sock = socket.create_connection(address, timeout=timeout_s)
     try:
-        expected = _HELLO + name.encode() + b"\n"
-        hello = b""  # exactly its length: the host's heartbeats may follow at once
-        while len(hello) < len(expected):
-            chunk = sock.recv(len(expected) - len(hello))
-            if not chunk:
-                break
-            hello += chunk
-        if hello != expected:
-            raise OSError(f"heartbeat address {address[0]}:{address[1]} is not world {name}")
+        sock.sendall(_hello(b"join", name, token))
+        expected = _hello(b"host", name, token)
+        if not hmac.compare_digest(_read_exactly(sock, len(expected)), expected):
+            raise OSError(
+                f"heartbeat address {address[0]}:{address[1]} is not world {name}'s host "
+                "(another world, or another deployment's token)"
+            )
     except OSError:
         sock.close()
         raise
