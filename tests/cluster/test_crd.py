@@ -306,6 +306,7 @@ def test_minimal_manifest_gets_every_default(crd: str, kubectl: Kubectl) -> None
         "heartbeatIntervalMs": 100,
         "heartbeatTimeoutMs": 800,
         "maxMessageBytes": 268435456,
+        "fanOut": 2,
     }
     assert spec["autoscaling"] == {
         "enabled": False,
@@ -349,6 +350,8 @@ BAD: list[tuple[str, dict[str, Any], str, str, str]] = [
     ("gpus-negative", {f"{S0}.resources": {"nvidia.com/gpu": -1}}, f"{S0}.resources.nvidia.com/gpu", "greater than or equal to 0", "must be >= 0"),
     ("unknown-stage-field", {f"{S0}.replica": {"min": 1}}, f"{S0}.replica", "unknown field", "unknown field"),
     ("unknown-worlds-field", {"spec.worlds": {"heartbeat": 5}}, "spec.worlds.heartbeat", "unknown field", "unknown field"),
+    ("fan-out-zero", {"spec.worlds": {"fanOut": 0}}, "spec.worlds.fanOut", "greater than or equal to 1", "must be >= 1"),
+    ("fan-out-word", {"spec.worlds": {"fanOut": "most"}}, "spec.worlds.fanOut", "should match", "must match"),
     ("unknown-spec-field", {"spec.replica": 1}, "spec.replica", "unknown field", "unknown field"),
     ("replicas-min-negative", {f"{S0}.replicas": {"min": -1}}, f"{S0}.replicas.min", "greater than or equal to 1", "must be >= 1"),
     ("replicas-max-zero", {f"{S0}.replicas": {"max": 0}}, f"{S0}.replicas.max", "greater than or equal to 1", "must be >= 1"),
