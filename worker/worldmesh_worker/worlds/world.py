@@ -17,8 +17,9 @@ Failure detection (why a broken peer is seen within a bound, never a group timeo
 Bounded threads. Each world has a sender and a receiver thread. ``Backend.abort()``
 does not wake a Gloo receive blocked in another thread, so the receiver never blocks
 without a deadline: every receive waits at most ``2 * heartbeat_timeout_s``, and a
-sender with nothing to send for ``heartbeat_interval_s`` sends a header-only
-KEEPALIVE, so a live world never hits that deadline (a frozen peer does, which also
+sender with nothing to send for ``heartbeat_timeout_s / 2`` sends a header-only
+KEEPALIVE (four of them within the deadline; sent every heartbeat interval they were
+half of an idle deployment's CPU), so a live world never hits that deadline (a frozen peer does, which also
 closes the Gloo pair and fails any send blocked on it). A world closed on purpose
 sends CLOSE as its last message; the peer answers with its own CLOSE, which ends
 both receivers at once. So every thread ends within a bound after a world goes
@@ -213,7 +214,9 @@ class World:
 
     def _send_loop(self) -> None:
         deadline = datetime.timedelta(seconds=self._options.op_timeout_s)
-        idle = self._options.heartbeat_interval_s
+        # Only often enough that the peer's receive (deadline 2 * heartbeat_timeout_s)
+        # never waits out a live world: liveness itself is the heartbeat channel's.
+        idle = self._options.heartbeat_timeout_s / 2
         keepalive = Message(MessageKind.KEEPALIVE, ())
         while True:
             try:
