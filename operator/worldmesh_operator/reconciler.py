@@ -286,6 +286,8 @@ def _plan(view: _View, desired: Desired, new_id: Callable[[int], str]) -> list[A
         opens, trims = _fan_out(view, openers, desired.fan_out)
         actions += [OpenWorld(a, b) for a, b in opens]
         actions += [CloseWorld(a, b) for a, b in trims]
+        if desired.fan_out is not None:
+            drain -= _stranding(view, drain, set(trims), openers)
     actions.extend(StopWorker(w) for w in stop)
     actions.extend(DrainWorker(w) for w in drain)
     return sorted(actions, key=lambda a: (_RANK[type(a)], astuple(a)))
@@ -319,6 +321,40 @@ def _fan_out(
     return opens, trims
 
 
+def _stranding(
+    view: _View, drain: set[str], trims: set[Pair], openers: list[ObservedWorker]
+) -> set[str]:
+    """The workers whose drain would leave a kept neighbour without a READY world to their
+    stage: with a bounded fan-out it may have had no other. Drained a tick later, once the
+    neighbour's new worlds (opened by this plan) are READY."""
+    kept = {w.id for w in openers}
+    # Where the neighbour could find another peer: (stage, layout) of the kept workers.
+    could = {(w.stage, w.layout) for w in openers}
+    stranding = set()
+    for d in sorted(drain):
+        worker = view.workers[d]
+        if worker.state is not WorkerState.READY or worker.stage not in view.stages:
+            continue
+        for x, state in view.peers.get(d, []):
+            if state is not WorldState.READY or x not in kept:
+                continue
+            if (worker.stage, view.workers[x].layout) not in could:
+                continue  # no peer it could ever have there (a split change): no wait
+            others = [
+                p
+                for p, s in view.peers.get(x, [])
+                if s is WorldState.READY
+                and p != d
+                and p in kept
+                and view.workers[p].stage == worker.stage
+                and (min(x, p), max(x, p)) not in trims
+            ]
+            if not others:
+                stranding.add(d)
+                break
+    return stranding
+
+
 def _subset(
     view: _View, upper: list[str], lower: list[str], k: int
 ) -> tuple[list[Pair], list[Pair]]:
@@ -336,14 +372,28 @@ def _subset(
                 adj[w].add(p)
                 adj[p].add(w)
     kept = {(min(a, b), max(a, b)) for a in upper for b in adj[a]}
+    ready = {pair for pair in kept if view.worlds.get(pair) is WorldState.READY}
 
     def drop(x: str, y: str) -> None:
         adj[x].discard(y)
         adj[y].discard(x)
 
+    def droppable(x: str, y: str) -> bool:
+        """Never the last READY world of either end to the other stage: a worker keeps
+        serving while its new worlds open (they are only OPENING in this plan)."""
+        if (min(x, y), max(x, y)) not in ready:
+            return True
+        return all(
+            any(p != other and (min(w, p), max(w, p)) in ready for p in adj[w])
+            for w, other in ((x, y), (y, x))
+        )
+
     for x in sorted(side):  # over its share: close its worlds to the busiest peers
         while len(adj[x]) > hi[side[x]]:
-            y = max(adj[x], key=lambda y: (len(adj[y]) - lo[side[y]], y))
+            candidates = [y for y in adj[x] if droppable(x, y)]
+            if not candidates:
+                break  # once its new worlds are READY
+            y = max(candidates, key=lambda y: (len(adj[y]) - lo[side[y]], y))
             drop(x, y)
     for this, other in ((upper, lower), (lower, upper)):
         heap = [(len(adj[y]), _spread(y), y) for y in other]
@@ -355,7 +405,7 @@ def _subset(
                 if y is None:
                     break  # connected to every one already
                 if len(adj[y]) >= hi[side[y]]:  # full: it gives up a world of a richer peer
-                    richer = [z for z in adj[y] if len(adj[z]) > lo[side[z]]]
+                    richer = [z for z in adj[y] if len(adj[z]) > lo[side[z]] and droppable(y, z)]
                     if richer:
                         drop(y, max(richer, key=lambda z: (len(adj[z]), z)))
                 adj[x].add(y)

@@ -329,6 +329,7 @@ class Sim:
     worlds: dict[tuple[str, str], WorldState] = field(default_factory=dict)
     layout: str = ""
     clock: float = 100.0
+    exact: bool = True  #: fan-out: every stage pair at exactly its share (see below)
 
     @classmethod
     def of(cls, desired: Desired, observed: Observed, layout: str = "") -> Sim:
@@ -420,7 +421,7 @@ class Sim:
         assert all(w.stage < len(self.desired.stages) for w in self.workers.values())
         if self.desired.fan_out is not None:
             assert set(self.worlds.values()) <= {R}
-            assert_fanned_out(self, self.desired.fan_out)
+            assert_fanned_out(self, self.desired.fan_out, exact=self.exact)
             return
         expected = {
             (min(x, y), max(x, y))
@@ -642,15 +643,20 @@ def degrees(sim: Sim, stage: int, toward: int) -> dict[str, int]:
     return count
 
 
-def assert_fanned_out(sim: Sim, k: int) -> None:
+def assert_fanned_out(sim: Sim, k: int, exact: bool = True) -> None:
     """Every worker's worlds to each neighbouring stage: its share of ``max(n * min(k, m),
-    m * min(k, n))``, within one of every other worker of its stage, and at least one."""
+    m * min(k, n))``, within one of every other worker of its stage, and at least one.
+    Not ``exact``: a world may be kept over the share (never the last READY world of a
+    worker is closed, and after some failures no other can be)."""
     stages = len(sim.desired.stages)
     for stage in range(stages - 1):
         up, down = degrees(sim, stage, stage + 1), degrees(sim, stage + 1, stage)
         n, m = len(up), len(down)
         total = max(n * min(k, m), m * min(k, n))
-        assert sum(up.values()) == sum(down.values()) == total, (stage, up, down)
+        if exact:
+            assert sum(up.values()) == total, (stage, up, down)
+        else:
+            assert total <= sum(up.values()) <= total + max(n, m), (stage, up, down)
         for side in (up, down):
             assert max(side.values()) - min(side.values()) <= 1, (stage, side)
             assert min(side.values()) >= 1
@@ -702,6 +708,7 @@ def test_random_scenarios_converge_with_fan_out(seed: int) -> None:
     rng = random.Random(seed)
     sim, kills = random_scenario(rng)
     sim.desired = replace(sim.desired, fan_out=rng.choice([1, 2, 3]))
+    sim.exact = False  # from an absurd start, a world over the share may have to stay
     new_id = namer()
     for _ in range(kills):
         for _ in range(rng.randint(1, 3)):
@@ -715,3 +722,55 @@ def test_random_scenarios_converge_with_fan_out(seed: int) -> None:
         assert sim.workers == {} and sim.worlds == {}
     else:
         sim.assert_converged()
+
+
+def stranded(sim: Sim) -> list[str]:
+    """READY workers without a READY world to a serving (READY) worker of a neighbouring
+    stage: they would answer "no live next stage"."""
+    out = []
+    stages = len(sim.desired.stages)
+    for w in sim.workers.values():
+        if w.state is not S.READY:
+            continue
+        for n in (w.stage - 1, w.stage + 1):
+            if not 0 <= n < stages:
+                continue
+            if not any(
+                s is R
+                and w.id in pair
+                and (p := pair[0] if pair[1] == w.id else pair[1]) in sim.workers
+                and sim.workers[p].stage == n
+                and sim.workers[p].state is S.READY
+                for pair, s in sim.worlds.items()
+            ):
+                out.append(f"{w.id} -> stage {n}")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "k", "h"),
+    [((6, 7), (6, 3), 2, "h"), ((3, 3), (3, 3), 1, "h2"), ((4, 4, 4), (2, 3, 4), 2, "h2")],
+    ids=["scale-down-k2", "rollout-k1", "both-k2"],
+)
+def test_fan_out_never_strands_a_kept_worker(
+    old: tuple[int, ...], new: tuple[int, ...], k: int, h: str
+) -> None:
+    """Drains and rebalancing wait until every kept worker has another READY world to the
+    stage: at every moment of a scale-down or a roll, each READY worker reaches a READY
+    worker of each neighbouring stage."""
+    sim = converged_sim(want(*old, fan_out=k))
+    sim.desired = want(*new, h=h, fan_out=k)
+    new_id = namer("s")
+    for _ in range(40):
+        actions = plan(sim.desired, sim.observe(), new_id)
+        if not actions:
+            sim.tick()
+            if not plan(sim.desired, sim.observe(), new_id):
+                break
+            continue
+        before = set(stranded(sim))
+        sim.apply(actions)  # drains and closes happen at once; opens are still OPENING
+        # (a worker made READY by the last tick has only OPENING worlds: not serving yet)
+        assert set(stranded(sim)) <= before, actions
+        sim.tick()
+    sim.assert_converged()
