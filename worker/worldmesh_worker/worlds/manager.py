@@ -346,23 +346,19 @@ class WorldManager:
 
 def _store_server(host: str, timeout: datetime.timedelta) -> Any:
     """A world's rendezvous (``TCPStore`` server) listening on ``host`` only: left to
-    itself, TCPStore listens on every interface of the machine."""
-    listener = socket.create_server((host, 0))
-    port = listener.getsockname()[1]
-    fd = listener.detach()  # the store owns the socket from here
-    try:
+    itself, TCPStore listens on every interface of the machine. The store gets its own
+    descriptor of our listening socket (it closes it, also when it fails), and ours is
+    closed here: never the same number twice."""
+    with socket.create_server((host, 0)) as listener:
         return dist.TCPStore(
             host,
-            port,
+            listener.getsockname()[1],
             2,
             True,
             wait_for_workers=False,
             timeout=timeout,
-            master_listen_fd=fd,
+            master_listen_fd=os.dup(listener.fileno()),
         )
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _hello(role: bytes, name: str, token: str) -> bytes:
