@@ -23,7 +23,7 @@ import base64
 import json
 from typing import Any
 
-from .desired import config_digest
+from .desired import config_digest, layout_of
 from .spec import RAMPS_DIR, DeploymentSpec
 
 GROUP = "worldmesh.io"
@@ -101,8 +101,8 @@ def endpoint(spec: DeploymentSpec) -> str:
 
 
 def layout(spec: DeploymentSpec) -> str:
-    """The pipeline's shape: workers of different layouts never share a world."""
-    return json.dumps([spec.model, list(spec.split_points)])
+    """The pipeline's shape (``desired.layout_of``)."""
+    return layout_of(spec.model, spec.split_points)
 
 
 def worker_config(spec: DeploymentSpec, stage: int, worker_id: str) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from worldmesh_worker.control import WIRE_VERSION
+
 from .spec import DeploymentSpec
 
 
@@ -38,8 +40,16 @@ class Desired:
 
 
 def config_digest(config: dict[str, Any]) -> str:
-    """A stage config's identity: a worker started from another one is outdated."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    """A stage config's identity: a worker started from another one, or speaking another
+    wire version (an upgrade), is outdated and rolled."""
+    identity = json.dumps([WIRE_VERSION, config], sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+def layout_of(model: Any, split_points: Any) -> str:
+    """The pipeline's shape and wire version: workers of different layouts never share a
+    world (a split change, or an upgrade whose workers cannot talk to the old ones)."""
+    return json.dumps([model, list(split_points or []), WIRE_VERSION])
 
 
 def desired_of(spec: DeploymentSpec, wishes: dict[int, int], deleted: bool = False) -> Desired:

@@ -249,3 +249,16 @@ def _closed(schema: Any) -> Any:
     if "properties" in schema:
         out["additionalProperties"] = False
     return out
+
+
+def test_another_wire_version_is_outdated_and_never_wired_with_this_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upgrade whose workers cannot open worlds with the old ones rolls every worker
+    (new config digest) and keeps the two apart (new layout), as a split change does."""
+    from worldmesh_operator import desired
+
+    current = (desired.config_digest(spec().stage_config(0)), builders.layout(spec()))
+    monkeypatch.setattr(desired, "WIRE_VERSION", desired.WIRE_VERSION - 1)
+    older = (desired.config_digest(spec().stage_config(0)), builders.layout(spec()))
+    assert older[0] != current[0] and older[1] != current[1]

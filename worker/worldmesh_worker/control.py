@@ -18,6 +18,9 @@ from typing import Any, Protocol
 import aiohttp
 
 READY_PREFIX = "WORLDMESH_READY "
+#: What two workers must share to open a world: 2 since the heartbeat hellos carry an HMAC
+#: under the deployment's token (a worker of 1 cannot open a world with one of 2).
+WIRE_VERSION = 2
 
 
 def world_name(a: str, b: str) -> str:

@@ -37,7 +37,7 @@ import yaml
 from worldmesh_worker.control import READY_PREFIX, ControlClient
 from worldmesh_worker.local import WorkerProcess
 
-from ..desired import config_digest
+from ..desired import config_digest, layout_of
 from ..reconciler import Observed, ObservedWorker, WorkerState
 from .base import Target, WorkerRuntime, merge_worlds
 
@@ -259,7 +259,7 @@ class LocalRuntime(WorkerRuntime):
             ports={"http": 0, "control": 0},
             tokenFile=str(self.token_path),
         )
-        layout = json.dumps([config.get("model"), config.get("splitPoints")])
+        layout = layout_of(config.get("model"), config.get("splitPoints"))
         path = self.workdir / f"{worker_id}.yaml"
         path.write_text(yaml.safe_dump(config))
         log_path = self.workdir / f"{worker_id}.log"
