@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return ramps_main(_ramps_arguments(rest))
-        except (OSError, yaml.YAMLError, ValueError) as exc:
+        except (OSError, yaml.YAMLError, ValueError, RuntimeError) as exc:  # RuntimeError: CRD
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if command == "validate":

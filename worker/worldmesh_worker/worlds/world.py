@@ -248,7 +248,7 @@ class World:
                 self.messages_sent += 1
 
     def _receive_loop(self) -> None:
-        # Live peers send at least a KEEPALIVE every heartbeat interval: silence past this
+        # Live peers send at least a KEEPALIVE every heartbeat_timeout_s / 2: silence past this
         # deadline means a frozen peer, or a world being torn down (see the module doc).
         silence = datetime.timedelta(seconds=2 * self._options.heartbeat_timeout_s)
         op = datetime.timedelta(seconds=self._options.op_timeout_s)
