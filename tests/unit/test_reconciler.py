@@ -549,14 +549,11 @@ def random_scenario(rng: random.Random) -> tuple[Sim, int]:
     return Sim.of(desired, Observed(tuple(workers), tuple(worlds)), layouts[h]), rng.randint(0, 3)
 
 
-@pytest.mark.parametrize("seed", range(300))
-def test_random_scenarios_converge(seed: int) -> None:
-    rng = random.Random(seed)
-    sim, kills = random_scenario(rng)
+def converges_through_failures(sim: Sim, rng: random.Random, kills: int) -> None:
+    """A few failures while it reconciles, then it converges (or, deleted, empties)."""
     new_id = namer()
-    for _ in range(kills):  # a few failures while it reconciles
-        run_steps = rng.randint(1, 3)
-        for _ in range(run_steps):
+    for _ in range(kills):
+        for _ in range(rng.randint(1, 3)):
             sim.apply(plan(sim.desired, sim.observe(), new_id))
             sim.tick()
         live = sorted(w for w, o in sim.workers.items() if o.state is S.READY)
@@ -568,6 +565,13 @@ def test_random_scenarios_converge(seed: int) -> None:
     else:
         sim.assert_converged()
     assert plan(sim.desired, sim.observe(), new_id) == []
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_random_scenarios_converge(seed: int) -> None:
+    rng = random.Random(seed)
+    sim, kills = random_scenario(rng)
+    converges_through_failures(sim, rng, kills)
 
 
 # --- summarize ----------------------------------------------------------------------------
@@ -709,19 +713,7 @@ def test_random_scenarios_converge_with_fan_out(seed: int) -> None:
     sim, kills = random_scenario(rng)
     sim.desired = replace(sim.desired, fan_out=rng.choice([1, 2, 3]))
     sim.exact = False  # from an absurd start, a world over the share may have to stay
-    new_id = namer()
-    for _ in range(kills):
-        for _ in range(rng.randint(1, 3)):
-            sim.apply(plan(sim.desired, sim.observe(), new_id))
-            sim.tick()
-        live = sorted(w for w, o in sim.workers.items() if o.state is S.READY)
-        if live:
-            sim.kill(rng.choice(live))
-    run(sim, new_id, 40)
-    if sim.desired.deleted:
-        assert sim.workers == {} and sim.worlds == {}
-    else:
-        sim.assert_converged()
+    converges_through_failures(sim, rng, kills)
 
 
 def stranded(sim: Sim) -> list[str]:
