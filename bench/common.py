@@ -39,6 +39,12 @@ class Figure:
         }[op]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

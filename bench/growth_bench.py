@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 import yaml
-from common import Figure
+from common import Figure, cpu_seconds, median
 
 from worldmesh_operator.run import LocalDeployment
 from worldmesh_worker.control import wait_until
@@ -38,7 +38,6 @@ from worldmesh_worker.loadgen import ClosedLoop, toy_request
 SIZES = (1, 2, 4, 8)
 FAN_OUTS: tuple[int | str, ...] = ("all", 2)
 SLOW = {"WORLDMESH_TOY_BLOCK_DELAY_S": "0.001"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def manifest(n: int, fan_out: int | str) -> dict[str, Any]:
@@ -62,14 +61,7 @@ def proc(pid: int) -> tuple[int, int, float, float]:
     threads = int(fields["Threads"])
     rss = int(fields["VmRSS"].split()[0]) / 1024
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    cpu = (int(stat[11]) + int(stat[12])) / CLK_TCK
-    return threads, fds, rss, cpu
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else float("nan")
+    return threads, fds, rss, cpu_seconds(pid)
 
 
 async def middle_rows(deployment: LocalDeployment) -> dict[str, float]:

@@ -39,13 +39,12 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 import torch
-from common import Figure, median, percentile
+from common import Figure, cpu_seconds, median, percentile
 
 from worldmesh_worker.control import wait_until
 from worldmesh_worker.data import fashion_mnist
@@ -69,7 +68,6 @@ TOY_SLOW = {"WORLDMESH_TOY_BLOCK_DELAY_S": "0.005"}
 BATCHING = {"maxBatchSize": 8, "maxQueueDelayMs": 2}
 DEPLOYMENT = "fashion"
 SPLIT = [6, 12]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -106,12 +104,6 @@ async def scrape(session: aiohttp.ClientSession, worker: WorkerProcess) -> dict[
             if name:
                 out[name.group(0)] = out.get(name.group(0), 0.0) + float(line.rsplit(" ", 1)[1])
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all its threads (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def ms(seconds: float) -> float:
