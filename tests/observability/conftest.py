@@ -188,10 +188,16 @@ async def live() -> AsyncIterator[Live]:
                 recorded = await asyncio.to_thread(
                     stack.query, "deployment_stage:worldmesh_batch_size:mean_rate5m"
                 )
+                # The control metrics are fed once, before the first scrape: their rates
+                # exist once two scrapes of them are in (a CI run queried after one).
+                decided = await asyncio.to_thread(
+                    stack.query, "increase(worldmesh_autoscaler_decisions_total[1m])"
+                )
                 return bool(
                     up["data"]["result"]
                     and up["data"]["result"][0]["value"][1] == "1"
                     and len(recorded["data"]["result"]) == 2
+                    and decided["data"]["result"]
                 )
 
             await wait_until(scraped_and_recorded, 90, "targets up and rules recorded", 1.0)
