@@ -1,8 +1,8 @@
 """A benchmark peer process: holds worlds and plays one role of a forwarding pipeline.
 
 Driven by the benchmark over stdin/stdout, one JSON object per line:
-  {"op": "host", "peer": NAME}                       -> {"store": .., "heartbeat": ..}
-  {"op": "join", "peer": NAME, "store": .., "heartbeat": ..} -> {"ready": NAME}
+  {"op": "host", "peer": NAME}                       -> {"heartbeat": ..}
+  {"op": "join", "peer": NAME, "heartbeat": ..}      -> {"ready": NAME}
   {"op": "shared", "store": "h:p", "rank": R, "size": N, "ranks": {NAME: R}} -> {"ready": ...}
   {"op": "wait_ready", "peers": [..]}               -> {"ready": [..]} once all are open
   {"op": "run", "role": source|middle|sink, "down": [..], "seconds": S, "window": W,
@@ -140,9 +140,7 @@ async def main() -> None:
         if op == "host":
             reply = await peer.manager.open(cmd["peer"])
         elif op == "join":
-            reply = await peer.manager.open(
-                cmd["peer"], store=cmd["store"], heartbeat=cmd["heartbeat"]
-            )
+            reply = await peer.manager.open(cmd["peer"], heartbeat=cmd["heartbeat"])
         elif op == "shared":
             await peer.shared(**cmd)
             reply = {"ready": sorted(peer.worlds)}

@@ -544,7 +544,11 @@ BAD_OPENS: dict[str, tuple[Any, str]] = {
     "peer-stage-bool": ({"peer": "demo-s1-w9", "peerStage": True}, "peerStage: must be an"),
     "not-a-neighbour": ({"peer": "demo-s1-w9", "peerStage": 5}, "peerStage: 5 is not a neighbour"),
     "unknown-field": ({"peer": "demo-s1-w9", "peerStage": 1, "colour": "red"}, "colour: unknown"),
-    "store-not-string": ({"peer": "demo-s1-w9", "peerStage": 1, "store": 1}, "store: must be"),
+    "heartbeat-not-string": (
+        {"peer": "demo-s1-w9", "peerStage": 1, "heartbeat": 1},
+        "heartbeat: must be",
+    ),
+    "store-no-more": ({"peer": "demo-s1-w9", "peerStage": 1, "store": "h:1"}, "store: unknown"),
 }
 
 

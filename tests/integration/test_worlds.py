@@ -9,9 +9,12 @@ Covers:
   much as it can) for three heartbeat timeouts is not judged frozen by its peer, nor does
   it judge its peer frozen when the loop frees up: the heartbeats run on a thread of
   their own; a SIGSTOPped worker is judged frozen within the timeout;
-- a world's rendezvous (its TCPStore) and heartbeat listener are on the hosting worker's
-  own address only, and an open that no peer joins leaves no thread, socket or file
-  descriptor behind once it has failed;
+- a world opens one port, its heartbeat listener, on the hosting worker's own address
+  only (the rendezvous runs over that channel), and an open that no peer joins leaves no
+  thread, socket or file descriptor behind once it has failed;
+- a peer that proves itself and then sends a bad rendezvous frame (an unknown op, a field
+  over the limit) or hangs up fails that open only, with a reason that names it; the
+  host's next open with a good peer succeeds;
 - a world's host refuses a heartbeat peer that is not the expected one (garbage, another
   deployment's token, the wrong rank) and goes on waiting: the expected peer then joins;
   a joiner with another token gives up on the host, naming why.
@@ -20,6 +23,7 @@ Covers:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -70,9 +74,7 @@ class Peer:
 
     async def open(self, worker) -> str:
         hosted = await worker.control.open_world(peer=FAKE, peerStage=0)
-        info = await self.manager.open(
-            worker.worker, store=hosted["store"], heartbeat=hosted["heartbeat"]
-        )
+        info = await self.manager.open(worker.worker, heartbeat=hosted["heartbeat"])
         await wait_until(lambda: _state(worker, info["name"], "ready"), 10, "worker side ready")
         return info["name"]
 
@@ -195,11 +197,11 @@ async def test_a_rendezvous_listens_on_its_own_address_and_a_failed_open_leaves_
     before = counts(here)
     for _ in range(3):
         info = await manager.open("zzz-s1")  # hosted: this end sorts first; nobody joins
-        for key in ("store", "heartbeat"):
-            host, _, port = info[key].rpartition(":")
-            assert host == "127.0.0.7"
-            assert reachable("127.0.0.7", int(port)), key
-            assert not reachable("127.0.0.1", int(port)), f"{key} listens on every address"
+        assert set(info) & {"store", "heartbeat"} == {"heartbeat"}  # one port per world
+        host, _, port = info["heartbeat"].rpartition(":")
+        assert host == "127.0.0.7"
+        assert reachable("127.0.0.7", int(port))
+        assert not reachable("127.0.0.1", int(port)), "the world listens on every address"
         await wait_until(lambda: not manager.opening, 10, "the open failed")
 
     # The failed opens' threads end and their sockets close; a leak never gets there.
@@ -245,14 +247,65 @@ async def test_a_host_refuses_the_wrong_peers_and_takes_the_right_one():
         assert await asyncio.to_thread(refused, info["heartbeat"], wrong), wrong
     stranger = manager("zzz-s1", "127.0.0.8", "theirs")
     with pytest.raises(WorldBroken, match="another deployment's token"):
-        await stranger.open("aaa-s0", store=info["store"], heartbeat=info["heartbeat"])
+        await stranger.open("aaa-s0", heartbeat=info["heartbeat"])
     assert name in host.opening  # still waiting for its peer
     peer = manager("zzz-s1", "127.0.0.8", "ours")
-    await peer.open("aaa-s0", store=info["store"], heartbeat=info["heartbeat"])
+    await peer.open("aaa-s0", heartbeat=info["heartbeat"])
     await wait_until(
         lambda: name in host.worlds and host.worlds[name].state is WorldState.READY,
         10,
         "the right peer joined",
     )
     for m in (host, peer, stranger):
+        await m.close_all()
+
+
+def _rendezvous_then(address: str, name: str, token: str, then: bytes) -> None:
+    """Join world ``name`` at the heartbeat ``address`` as its peer would, then send
+    ``then`` where the rendezvous requests belong, and hang up."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(_hello(b"join", name, token))
+        expected = _hello(b"host", name, token)
+        assert sock.recv(len(expected), socket.MSG_WAITALL) == expected
+        sock.sendall(then)
+        sock.shutdown(socket.SHUT_WR)  # and nothing more
+        sock.settimeout(5)
+        with contextlib.suppress(OSError):
+            sock.recv(1024)  # until the host hangs up (or answers with an error frame)
+
+
+@pytest.mark.parametrize(
+    "then, reason",
+    [
+        (b"\x00\x00", "unknown op byte 0"),
+        (b"S\x01\xff\xff\xff\xff", "field of 4294967295 bytes"),
+        (b"", "hung up"),
+    ],
+    ids=["unknown-op", "oversized-field", "hangs-up"],
+)
+async def test_a_bad_rendezvous_fails_that_open_only_with_a_clear_reason(then, reason):
+    def manager(worker: str, host: str) -> WorldManager:
+        return WorldManager(
+            worker, host, WorldOptions(open_timeout_s=5.0), lambda w, m: None, lambda w: None,
+            token="ours",
+        )  # fmt: skip
+
+    host = manager("aaa-s0", "127.0.0.7")
+    info = await host.open("zzz-s1")
+    name = info["name"]
+    await asyncio.to_thread(_rendezvous_then, info["heartbeat"], name, "ours", then)
+    await wait_until(lambda: name not in host.opening, 10, "the open failed")
+    assert reason in host.failures[name], host.failures[name]
+    assert name not in host.worlds
+
+    peer = manager("zzz-s1", "127.0.0.8")
+    info = await host.open("zzz-s1")
+    await peer.open("aaa-s0", heartbeat=info["heartbeat"])
+    await wait_until(
+        lambda: name in host.worlds and host.worlds[name].state is WorldState.READY,
+        10,
+        "a good peer joined afterwards",
+    )
+    for m in (host, peer):
         await m.close_all()

@@ -58,6 +58,7 @@ WORKER_LAYERS: list[tuple[str, set[str]]] = [
             "worlds.threads",
             "worlds.wire",
             "worlds.heartbeat",
+            "worlds.rendezvous",
             "worlds.world",
             "worlds.manager",
         },

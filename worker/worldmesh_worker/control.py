@@ -19,8 +19,9 @@ import aiohttp
 
 READY_PREFIX = "WORLDMESH_READY "
 #: What two workers must share to open a world: 2 since the heartbeat hellos carry an HMAC
-#: under the deployment's token (a worker of 1 cannot open a world with one of 2).
-WIRE_VERSION = 2
+#: under the deployment's token, 3 since the rendezvous runs over the heartbeat channel
+#: (a worker of one version cannot open a world with one of another).
+WIRE_VERSION = 3
 
 
 def world_name(a: str, b: str) -> str:
@@ -105,7 +106,6 @@ async def connect(a: Peer, b: Peer, timeout: float = 15.0) -> str:
         peer=host.worker,
         peerStage=host.stage,
         peerDevice=host.device,
-        store=hosted["store"],
         heartbeat=hosted["heartbeat"],
     )
     await wait_until(lambda: _world_state(host, hosted["name"]), timeout, f"world {hosted['name']}")

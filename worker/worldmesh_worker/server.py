@@ -219,14 +219,13 @@ class ControlApp:
         peer_stage = _field(body, "peerStage", int)
         kwargs: dict[str, Any] = {}
         for key, arg in (
-            ("store", "store"),
             ("heartbeat", "heartbeat"),
             ("backend", "backend"),
             ("peerDevice", "peer_device"),
         ):
             if key in body:
                 kwargs[arg] = _field(body, key, str)
-        unknown = set(body) - {"peer", "peerStage", "store", "heartbeat", "backend", "peerDevice"}
+        unknown = set(body) - {"peer", "peerStage", "heartbeat", "backend", "peerDevice"}
         if unknown:
             raise InvalidInput(f"{sorted(unknown)[0]}: unknown field")
         try:

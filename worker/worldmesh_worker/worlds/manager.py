@@ -2,21 +2,20 @@
 
 Opening a world takes one call on each end (the control plane makes them):
 
-1. the end whose worker id sorts first (rank 0) *hosts*: it starts the world's own
-   ``TCPStore`` and a heartbeat listener, both on port 0, and returns their
-   addresses at once; it then waits, bounded, for the peer;
-2. the other end (rank 1) *joins* with those addresses: it first connects the
-   heartbeat channel and reads the host's hello, which proves the host is alive
-   before any ``TCPStore`` client call (those hang past 60 s against a frozen host,
-   whatever their timeout), then builds its side of the group.
+1. the end whose worker id sorts first (rank 0) *hosts*: it starts a heartbeat listener
+   on port 0 and returns its address at once; it then waits, bounded, for the peer;
+2. the other end (rank 1) *joins* with that address: it connects the heartbeat channel
+   and reads the host's hello, which proves the host is alive, then builds its side of
+   the group.
 
 The two hellos name the world and the end's role (host or join: its rank) and carry an
 HMAC of both under the deployment's control token, so each end knows its peer is the
 expected one: the host refuses any other connection (wrong world, rank or token) and
-goes on waiting for its peer; the joiner gives up on a host that is not. The store and
-the heartbeat listener bind to the worker's own address only.
+goes on waiting for its peer; the joiner gives up on a host that is not. The listener
+binds to the worker's own address only.
 
-The heartbeat channel is a plain socket, connected on a thread of its own and then
+The group's rendezvous then runs over that same channel (``rendezvous.PairStore``, kept
+by the host): no second port, no name lookup. Afterwards the channel is a plain socket
 handed to the worker's heartbeat thread (``heartbeat.py``), never to the event loop.
 
 Every step has a deadline (``open_timeout_s``). Group construction runs on a thread
@@ -34,7 +33,6 @@ import datetime
 import hashlib
 import hmac
 import logging
-import os
 import re
 import socket
 import time
@@ -45,6 +43,7 @@ import torch.distributed as dist
 
 from ..control import world_name
 from .heartbeat import Heartbeats
+from .rendezvous import PairStore
 from .threads import in_own_thread
 from .world import DownHandler, Handler, World, WorldBroken, WorldOptions, WorldState
 
@@ -123,7 +122,6 @@ class WorldManager:
         self,
         peer: str,
         *,
-        store: str | None = None,
         heartbeat: str | None = None,
         backend: str = "auto",
         peer_device: str = "cpu",
@@ -142,22 +140,11 @@ class WorldManager:
         rank = 0 if name.startswith(self.worker + "~") else 1
         if rank == 0:
             return await self._host(name, peer, chosen)
-        if not store or not heartbeat:
-            raise ValueError(
-                f"joining world {name} needs the host's 'store' and 'heartbeat' addresses"
-            )
-        return await self._join(
-            name, peer, chosen, _address(store, "store"), _address(heartbeat, "heartbeat")
-        )
+        if not heartbeat:
+            raise ValueError(f"joining world {name} needs the host's 'heartbeat' address")
+        return await self._join(name, peer, chosen, _address(heartbeat, "heartbeat"))
 
     async def _host(self, name: str, peer: str, backend: str) -> dict[str, Any]:
-        timeout = datetime.timedelta(seconds=self.options.open_timeout_s)
-        # Even the host's own store may stall (its address lookup waits on DNS, 5 s seen
-        # here): never on the event loop, which must keep every other world's heartbeat.
-        store = await asyncio.wait_for(
-            in_own_thread(lambda: _store_server(self.host, timeout), f"store:{name}"),
-            self.options.open_timeout_s,
-        )
         listener = socket.create_server((self.host, 0))
         hb_port = listener.getsockname()[1]
         accepted = asyncio.ensure_future(
@@ -172,19 +159,22 @@ class WorldManager:
             "rank": 0,
             "backend": backend,
             "state": WorldState.OPENING.value,
-            "store": f"{self.host}:{store.port}",
             "heartbeat": f"{self.host}:{hb_port}",
         }
         self.opening[name] = info
 
         async def finish() -> None:
-            nonlocal store
+            channel: socket.socket | None = None
+            group: asyncio.Future[Any] | None = None
+            store = PairStore(self.options.open_timeout_s)
             try:
                 async with asyncio.timeout(self.options.open_timeout_s):
-                    pg = await in_own_thread(
-                        lambda: self._make_group(store, 0, backend), f"open:{name}"
-                    )
                     channel = await accepted
+                    group = asyncio.ensure_future(
+                        in_own_thread(lambda: self._make_group(store, 0, backend), f"open:{name}")
+                    )
+                    await in_own_thread(lambda: store.serve(channel), f"rendezvous:{name}")
+                    pg = await group
                 self._add(
                     World(
                         name,
@@ -202,12 +192,15 @@ class WorldManager:
                 )
             except (TimeoutError, RuntimeError, OSError) as exc:
                 self._fail(name, f"peer {peer} did not join: {_describe(exc)}")
+                store.close("the open failed")  # ends the group's own wait
+                if channel is not None:
+                    channel.close()  # ends a wait in serve(): recv raises OSError
                 listener.close()  # ends a wait in accept(): it raises OSError
-                with contextlib.suppress(OSError, TimeoutError):
-                    (await accepted).close()  # a peer that joined too late: hung up
-                # The store's thread and sockets end with its last reference: drop ours
-                # now, not whenever the cyclic garbage collector finds this frame.
-                store = None
+                with contextlib.suppress(OSError, TimeoutError, RuntimeError):
+                    if group is not None:
+                        await group
+                    if channel is None:
+                        (await accepted).close()  # a peer that joined too late: hung up
             finally:
                 listener.close()
                 self.opening.pop(name, None)
@@ -216,7 +209,7 @@ class WorldManager:
         return info
 
     async def _join(
-        self, name: str, peer: str, backend: str, store: tuple[str, int], heartbeat: tuple[str, int]
+        self, name: str, peer: str, backend: str, heartbeat: tuple[str, int]
     ) -> dict[str, Any]:
         self.opening[name] = {
             "name": name,
@@ -234,13 +227,15 @@ class WorldManager:
                     ),
                     f"heartbeat:{name}",
                 )
+                channel = sock
 
-                def connect() -> Any:
-                    timeout = datetime.timedelta(seconds=self.options.open_timeout_s)
-                    client = dist.TCPStore(store[0], store[1], 2, False, timeout=timeout)
-                    return client, self._make_group(client, 1, backend)
+                def rendezvous() -> tuple[PairStore, Any]:
+                    store = PairStore(self.options.open_timeout_s, channel)
+                    pg = self._make_group(store, 1, backend)
+                    store.finish()
+                    return store, pg
 
-                client, pg = await in_own_thread(connect, f"open:{name}")
+                store, pg = await in_own_thread(rendezvous, f"open:{name}")
             world = World(
                 name,
                 peer,
@@ -252,7 +247,7 @@ class WorldManager:
                 self._down,
                 heartbeat=(sock, self.heartbeats),
                 device=self._nccl_device(backend),
-                keep_alive=client,
+                keep_alive=store,
             )
             self._add(world)
             return world.info()
@@ -342,23 +337,6 @@ class WorldManager:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _store_server(host: str, timeout: datetime.timedelta) -> Any:
-    """A world's rendezvous (``TCPStore`` server) listening on ``host`` only: left to
-    itself, TCPStore listens on every interface of the machine. The store gets its own
-    descriptor of our listening socket (it closes it, also when it fails), and ours is
-    closed here: never the same number twice."""
-    with socket.create_server((host, 0)) as listener:
-        return dist.TCPStore(
-            host,
-            listener.getsockname()[1],
-            2,
-            True,
-            wait_for_workers=False,
-            timeout=timeout,
-            master_listen_fd=os.dup(listener.fileno()),
-        )
 
 
 def _hello(role: bytes, name: str, token: str) -> bytes:

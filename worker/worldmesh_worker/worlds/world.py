@@ -122,7 +122,7 @@ class World:
         self._pg = pg
         self._owns_group = owns_group
         self._device = device  # NCCL worlds move header and payload to this GPU
-        self._keep_alive = keep_alive  # the TCPStore: it must live as long as the group
+        self._keep_alive = keep_alive  # the group's store: it must live as long as the group
         self._options = options
         self._on_message = on_message
         self._on_down = on_down  # broken or closed: its in-flight work must move
