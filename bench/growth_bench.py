@@ -9,7 +9,8 @@ of neighbouring workers) and once with 2, one after the other in the same run:
   workers), and to every world open (the last step's summary: Ready, no world opening,
   nothing planned);
 - per worker, medians over the deployment: threads, file descriptors and RSS (``/proc``);
-  the deployment's idle CPU (cores, over 5 s with no request);
+  the deployment's idle CPU (cores, over 10 s with no request, from 2 s after it settled);
+- world opens that failed (the workers' logs), from the start to the end;
 - throughput: a closed loop of 8 clients for 6 s, and the share of the middle stage's rows
   each of its workers computed (max / mean: balanced is 1.0).
 
@@ -119,10 +120,11 @@ async def one(n: int, fan_out: int | str, workdir: Path) -> dict[str, Any]:
         opened = time.monotonic() - start
         worlds = deployment.loop.last.summary["worlds"]["ready"]  # type: ignore[union-attr]
         pids = [w.process.pid for w in deployment.runtime.live()]
+        await asyncio.sleep(2.0)
         before = {pid: proc(pid) for pid in pids}
-        await asyncio.sleep(5.0)
+        await asyncio.sleep(10.0)
         after = {pid: proc(pid) for pid in pids}
-        idle = sum(after[p][3] - before[p][3] for p in pids) / 5.0
+        idle = sum(after[p][3] - before[p][3] for p in pids) / 10.0
         rows_before = await middle_rows(deployment)
         async with ClosedLoop(deployment.runtime.endpoint, toy_request, 8) as load:
             await load.answered(20)
@@ -146,6 +148,10 @@ async def one(n: int, fan_out: int | str, workdir: Path) -> dict[str, Any]:
             "throughput_rps": round(rate, 1),
             "middle_max_over_mean": round(max(shares) / mean, 3) if mean else None,
             "lost": load.result.lost,
+            "open_failures": sum(
+                log.read_text(errors="replace").count("failed to open")
+                for log in (workdir / f"run-{n}-{fan_out}").glob("*.log")
+            ),
         }
     finally:
         deployment.delete()
@@ -185,6 +191,7 @@ async def run(quick: bool = False) -> list[Figure]:
             f"{bounded['worlds_open_s']:.2f} s (all: {full['worlds_open_s']:.2f} s)",
         ),
         figure("idle CPU of the deployment", "idle_cores", "cores", "<= 0.2"),
+        figure("world opens that failed", "open_failures", "", "== 0"),
         figure("threads per worker (median)", "threads", ""),
         figure("RSS per worker (median)", "rss_mib", "MiB"),
         Figure(

@@ -411,6 +411,34 @@ def _subset(
                 adj[x].add(y)
                 adj[y].add(x)
                 heapq.heappush(heap, (len(adj[y]), _spread(y), y))
+    # A worker still over its share, whose peers are all at theirs: trimming it leaves a
+    # peer short, and the fill gives that peer back the same world (start-ups in a random
+    # order ended so; a worker with 3 worlds where the others have 2 takes 1.5x the rows).
+    # Swap with a worker of the other stage over its floor, not its peer: each drops one
+    # peer, and those two take a world together; one world fewer in all.
+    count = sum(len(adj[w]) for w in upper)
+    for x in sorted(side):
+        others = upper if side[x] else lower
+        while count > total and len(adj[x]) > hi[side[x]]:
+            swap = next(
+                (
+                    (y, z, v)
+                    for z in sorted(others, key=lambda z: (lo[side[z]] - len(adj[z]), z))
+                    if len(adj[z]) > lo[side[z]] and z not in adj[x]
+                    for y in sorted(adj[z])
+                    for v in sorted(adj[x])
+                    if v not in adj[y] and droppable(x, v) and droppable(y, z)
+                ),
+                None,
+            )
+            if swap is None:
+                break
+            y, z, v = swap
+            drop(x, v)
+            drop(y, z)
+            adj[y].add(v)
+            adj[v].add(y)
+            count -= 1
     final = {(min(a, b), max(a, b)) for a in upper for b in adj[a]}
     return sorted(final - kept), sorted(kept - final)
 

@@ -673,6 +673,31 @@ def test_fan_out_converges_balanced(counts: tuple[int, ...], k: int) -> None:
     assert plan(sim.desired, sim.observe(), namer()) == []
 
 
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("counts", [(8, 8, 8), (5, 7, 6), (2, 8, 3)])
+@pytest.mark.parametrize("seed", range(20))
+def test_fan_out_balanced_after_workers_and_worlds_come_up_in_any_order(
+    counts: tuple[int, ...], k: int, seed: int
+) -> None:
+    """Workers become READY and worlds open a few at a time, in a random order (as they
+    do): the end state is exactly each worker's share, no world over it (a worker with one
+    world more than its stage's others takes 1.5x the rows at k = 2)."""
+    rng = random.Random(seed)
+    sim = Sim(want(*counts, fan_out=k))
+    new_id = namer()
+    for _ in range(30):
+        sim.apply(plan(sim.desired, sim.observe(), new_id))
+        for w in list(sim.workers.values()):
+            if w.state is S.STARTING and rng.random() < 0.3:
+                sim.set(w.id, S.READY)
+        for pair, state in list(sim.worlds.items()):
+            if state is OP and rng.random() < 0.5:
+                sim.worlds[pair] = R
+    run(sim, new_id, 40)
+    sim.assert_converged()  # exact: every stage pair at its share
+    assert plan(sim.desired, sim.observe(), new_id) == []
+
+
 def test_fan_out_all_is_every_pair() -> None:
     sim = converged_sim(want(3, 4))
     assert len(sim.worlds) == 12

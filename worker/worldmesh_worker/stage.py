@@ -247,8 +247,11 @@ class Stage:
             return tuple(t.to("cpu") if t.device.type != "cpu" else t for t in outputs)
 
     async def _sweep_loop(self) -> None:
+        # A lost row fails within 5% of its timeout (1 s of the default 30 s): no need to
+        # wake an idle worker ten times a second for it.
+        period = min(1.0, max(0.1, self.config.limits.request_timeout_s / 20))
         while True:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(period)
             if self.router is not None:
                 self.router.sweep()
                 self.metrics.in_flight.set(self.router.in_flight)

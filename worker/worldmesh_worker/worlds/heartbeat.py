@@ -4,8 +4,8 @@ A worker's event loop may be busy for a while with its own work (a batch, retuni
 early exits, a model warming up). Liveness must not depend on it: a heartbeat that waited
 for a free loop made a busy but healthy worker look frozen to its peers, which broke its
 worlds and had it replaced. So the heartbeat channels (one plain TCP connection per world)
-are served by one ``Heartbeats`` thread per worker with a selector: every
-``interval_s`` it writes one byte on each channel, reads whatever arrived, and reports
+are served by one ``Heartbeats`` thread per worker: every ``interval_s`` (and only then)
+it writes one byte on each channel, reads whatever arrived since, and reports
 
 - EOF or a reset: the peer's process is gone;
 - nothing read for ``timeout_s``: the peer's process is stopped (SIGSTOP) or unreachable
@@ -57,9 +57,7 @@ class Heartbeats:
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._channels: set[Channel] = set()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._woken = threading.Event()  # a channel watched or stopped, or close()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
         self._thread.start()
@@ -97,8 +95,6 @@ class Heartbeats:
         for channel in list(self._channels):
             self.stop(channel)
         self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
 
     @property
     def watched(self) -> int:
@@ -107,26 +103,28 @@ class Heartbeats:
     # -- the thread ---------------------------------------------------------------------
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"w")
+        self._woken.set()
 
     def _run(self) -> None:
+        # One wake per beat, whatever the number of channels: whatever arrived since the
+        # last beat is read in one go. Waking on every incoming byte cost a wake per
+        # channel per beat, the largest part of an idle worker's CPU. A dead peer is
+        # still seen within a beat here, and at once by the world's receive (its data
+        # connection resets too).
         next_beat = time.monotonic()
         while not self._stopped:
             now = time.monotonic()
             if now >= next_beat:
                 self._beat()
                 next_beat = now + self.interval_s
+            self._woken.wait(max(0.0, next_beat - time.monotonic()))
+            self._woken.clear()
             try:
-                events = self._selector.select(max(0.0, next_beat - time.monotonic()))
+                events = self._selector.select(0)
             except (OSError, ValueError):  # a channel closed meanwhile: select again
                 continue
             for key, _ in events:
-                if key.data is None:
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
-                else:
-                    self._read(key.data)
+                self._read(key.data)
             self._check_silence()
 
     def _beat(self) -> None:

@@ -16,11 +16,12 @@ Failure detection (why a broken peer is seen within a bound, never a group timeo
 
 Bounded threads. Each world has a sender and a receiver thread. ``Backend.abort()``
 does not wake a Gloo receive blocked in another thread, so the receiver never blocks
-without a deadline: every receive waits at most ``2 * heartbeat_timeout_s``, and a
-sender with nothing to send for ``heartbeat_timeout_s / 2`` sends a header-only
-KEEPALIVE (four of them within the deadline; sent every heartbeat interval they were
-half of an idle deployment's CPU), so a live world never hits that deadline (a frozen peer does, which also
-closes the Gloo pair and fails any send blocked on it). A world closed on purpose
+without a deadline: every receive waits at most ``receive_deadline_s``, and a sender
+with nothing to send for a quarter of that sends a header-only KEEPALIVE, so a live
+world never hits that deadline (a frozen peer does, which also closes the Gloo pair and
+fails any send blocked on it). Liveness is the heartbeat channel's alone, so the
+deadline only bounds how long a broken world's threads outlive it: keepalives as often
+as heartbeats were half of an idle deployment's CPU, and every 0.4 s still a third. A world closed on purpose
 sends CLOSE as its last message; the peer answers with its own CLOSE, which ends
 both receivers at once. So every thread ends within a bound after a world goes
 down, and nothing outlives it.
@@ -77,6 +78,9 @@ class WorldOptions:
     op_timeout_s: float = 30.0  #: deadline of one send
     heartbeat_interval_s: float = 0.1
     heartbeat_timeout_s: float = 0.8  #: silence that marks a frozen peer
+    #: the longest one receive waits (its thread's bound once the peer froze); a sender
+    #: with nothing to send sends a KEEPALIVE every quarter of it
+    receive_deadline_s: float = 8.0
     max_message_bytes: int = 256 * 1024 * 1024  #: larger payloads break the world
 
 
@@ -199,7 +203,7 @@ class World:
             self._keep_alive = None
 
     def _join_threads(self) -> None:
-        bound = 2 * self._options.heartbeat_timeout_s + self._options.op_timeout_s
+        bound = self._options.receive_deadline_s + self._options.op_timeout_s
         for thread in (self._sender, self._receiver):
             if thread is not threading.current_thread():
                 thread.join(timeout=bound)
@@ -214,9 +218,9 @@ class World:
 
     def _send_loop(self) -> None:
         deadline = datetime.timedelta(seconds=self._options.op_timeout_s)
-        # Only often enough that the peer's receive (deadline 2 * heartbeat_timeout_s)
-        # never waits out a live world: liveness itself is the heartbeat channel's.
-        idle = self._options.heartbeat_timeout_s / 2
+        # Only often enough that the peer's receive (``receive_deadline_s``) never waits
+        # out a live world: liveness itself is the heartbeat channel's.
+        idle = self._options.receive_deadline_s / 4
         keepalive = Message(MessageKind.KEEPALIVE, ())
         while True:
             try:
@@ -248,9 +252,9 @@ class World:
                 self.messages_sent += 1
 
     def _receive_loop(self) -> None:
-        # Live peers send at least a KEEPALIVE every heartbeat_timeout_s / 2: silence past this
-        # deadline means a frozen peer, or a world being torn down (see the module doc).
-        silence = datetime.timedelta(seconds=2 * self._options.heartbeat_timeout_s)
+        # Live peers send at least a KEEPALIVE every receive_deadline_s / 4: silence past
+        # this deadline means a frozen peer, or a world being torn down (see the module doc).
+        silence = datetime.timedelta(seconds=self._options.receive_deadline_s)
         op = datetime.timedelta(seconds=self._options.op_timeout_s)
         pending = self._post(torch.empty(HEADER_LEN, dtype=torch.int64), HEADER_TAG)
         while True:
