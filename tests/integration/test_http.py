@@ -124,6 +124,7 @@ def assert_exact(x: np.ndarray, got: dict[str, np.ndarray]) -> None:
 async def test_server_metadata_and_health(pipeline: LocalPipeline, front: WorkerProcess) -> None:
     status, body = await get(pipeline, front.http_url + "/v2")
     assert status == 200
+    assert await get(pipeline, front.http_url + "/v2/") == (200, body)  # a trailing slash
     assert body["name"] == "worldmesh"
     assert isinstance(body["version"], str) and body["version"]
     assert "binary_tensor_data" in body["extensions"]
@@ -150,15 +151,17 @@ async def test_model_metadata_and_ready(
     assert await get(pipeline, front.http_url + prefix + "/ready") == (200, {"ready": True})
 
 
-@pytest.mark.parametrize("suffix", ["", "/ready"])
-async def test_unknown_version_and_model_are_404(
-    pipeline: LocalPipeline, front: WorkerProcess, suffix: str
+@pytest.mark.parametrize(("suffix", "status"), [("", 404), ("/ready", 400)])
+async def test_unknown_version_and_model_are_named(
+    pipeline: LocalPipeline, front: WorkerProcess, suffix: str, status: int
 ) -> None:
-    status, body = await get(pipeline, f"{front.http_url}/v2/models/{MODEL}/versions/2{suffix}")
-    assert status == 404
+    """Metadata of a model not served here is 404; its readiness is "not ready", which
+    the protocol answers with 400 (it lists 200 and 400 only); both name it."""
+    got, body = await get(pipeline, f"{front.http_url}/v2/models/{MODEL}/versions/2{suffix}")
+    assert got == status
     assert "version '2'" in body["error"]
-    status, body = await get(pipeline, f"{front.http_url}/v2/models/nope{suffix}")
-    assert status == 404
+    got, body = await get(pipeline, f"{front.http_url}/v2/models/nope{suffix}")
+    assert got == status
     assert "'nope'" in body["error"]
 
 

@@ -1,9 +1,10 @@
 """The worker's two HTTP servers: the Open Inference Protocol port and the control port.
 
 Inference port (unauthenticated, like any model server; every stage serves it):
-``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
-``.../ready``, ``POST .../infer`` (front stage only) and ``GET /metrics``.
-Health and readiness answer 200 for true and 400 for false, as the protocol says.
+``GET /v2`` (or ``/v2/``), ``/v2/health/live``, ``/v2/health/ready``,
+``/v2/models/{name}[/versions/{v}]``, ``.../ready``, ``POST .../infer`` (front stage only)
+and ``GET /metrics``. Health and readiness answer 200 for true and 400 for false, as the
+protocol says (a model not served here is not ready: 400, with ``{"error": ...}``).
 
 Control port (bearer token, compared in constant time; 401 without it):
 ``GET /v1/status``, ``GET /v1/worlds``, ``POST /v1/worlds`` (open), ``DELETE /v1/worlds/{name}``,
@@ -88,6 +89,7 @@ class InferenceApp:
         )
         r = self.app.router
         r.add_get("/v2", self.server)
+        r.add_get("/v2/", self.server)  # the same resource, as clients that add a slash ask
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
         for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
@@ -131,7 +133,11 @@ class InferenceApp:
         )
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        self._check_model(request)
+        try:
+            self._check_model(request)
+        except ModelNotFound as exc:
+            # Readiness is 200 or 400 in the protocol, whatever the reason it is not ready.
+            return web.json_response(error_body(exc), status=400)
         return await self.ready(request)
 
     async def infer(self, request: web.Request) -> web.Response:
