@@ -56,7 +56,7 @@ COPY --from=builder --chown=10001:10001 /var/cache/worldmesh /var/cache/worldmes
 USER 10001:10001
 WORKDIR /home/worldmesh
 # 8080: Open Inference Protocol, health and /metrics; 8081: the control API. World ports
-# (TCPStore, heartbeat) are ephemeral.
+# (one per world: its rendezvous, then its heartbeats) are ephemeral.
 EXPOSE 8080 8081
 ENTRYPOINT ["worldmesh", "worker"]
 CMD ["--config", "/etc/worldmesh/worker.yaml"]
