@@ -78,10 +78,10 @@ class WorldOptions:
     op_timeout_s: float = 30.0  #: deadline of one send
     heartbeat_interval_s: float = 0.1
     heartbeat_timeout_s: float = 0.8  #: silence that marks a frozen peer
+    max_message_bytes: int = 256 * 1024 * 1024  #: larger payloads break the world
     #: the longest one receive waits (its thread's bound once the peer froze); a sender
     #: with nothing to send sends a KEEPALIVE every quarter of it
     receive_deadline_s: float = 8.0
-    max_message_bytes: int = 256 * 1024 * 1024  #: larger payloads break the world
 
 
 Handler = Callable[["World", Message], None]
