@@ -3,9 +3,9 @@
 Failure detection (why a broken peer is seen within a bound, never a group timeout):
 
 * **Dead peer (SIGKILL, crash, pod deleted).** The kernel closes the peer's sockets.
-  The heartbeat channel, a plain TCP connection owned by this world, reads EOF or a
-  reset at once, and a Gloo receive blocked on the peer fails with "connection
-  closed by peer" (about 13 ms here). Either marks the world broken: tens of ms.
+  A Gloo receive blocked on the peer fails with "connection closed by peer" at once
+  (about 13 ms here), and the heartbeat channel, a plain TCP connection owned by this
+  world, reads EOF or a reset at its next beat. Either marks the world broken: tens of ms.
 * **Frozen peer (SIGSTOP, a stuck host, a partition).** Its sockets stay open, so
   nothing fails by itself, and a Gloo op would wait for the group timeout. Both ends
   write one heartbeat byte every ``heartbeat_interval_s`` on the side channel; an end
