@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import Figure
+from common import Figure, fashion_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,22 +34,6 @@ from worldmesh_worker.exits.ramps import ramps_path  # noqa: E402
 EXAMPLE = ROOT / "examples" / "efficientnet-fashion.yaml"
 ROUNDS = 20
 SEED = 7
-
-
-def fashion_requests() -> Any:
-    from worldmesh_operator.load import samples
-
-    inputs, _ = samples("fashion-mnist")
-
-    def request(i: int) -> tuple[dict[str, Any], Any]:
-        body = {"id": str(i), "inputs": inputs[i % len(inputs)], "outputs": [{"name": "label"}]}
-
-        def check(answer: dict[str, Any]) -> bool:
-            return answer.get("id") == str(i) and bool(answer.get("outputs"))
-
-        return body, check
-
-    return request
 
 
 async def one(hog: int, rounds: int) -> dict[str, Any]:

@@ -93,3 +93,21 @@ def table(figures: list[Figure]) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def fashion_requests() -> Any:
+    """A request factory for ``ClosedLoop``: Fashion-MNIST test images in turn, asking for
+    the label; an answer counts when it echoes the id and carries outputs."""
+    from worldmesh_operator.load import samples
+
+    inputs, _ = samples("fashion-mnist")
+
+    def request(i: int) -> tuple[dict[str, Any], Any]:
+        body = {"id": str(i), "inputs": inputs[i % len(inputs)], "outputs": [{"name": "label"}]}
+
+        def check(answer: dict[str, Any]) -> bool:
+            return answer.get("id") == str(i) and bool(answer.get("outputs"))
+
+        return body, check
+
+    return request

@@ -17,6 +17,12 @@ of neighbouring workers) and once with 2, one after the other in the same run:
 Goals at N = 8 with fan-out 2: every world open within 5 s of the first answer (from the
 start, 24 worker processes must first load torch on 2 cores: reported beside it), idle CPU
 of the deployment under 0.2 cores, throughput no lower than at N = 4.
+
+Then the fashion example (EfficientNet-Lite0 on Fashion-MNIST images, early exits off,
+every stage pinned at 4 workers: at its own maximum sizes fan-out 2 already wires every
+pair), at fan-out 2 and all in alternating order over two rounds: throughput at 2 equals
+all's within noise (goal >= 0.95x), and the middle stage's workers share the rows within
+10%.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 
 import aiohttp
 import yaml
-from common import Figure, cpu_seconds, median
+from common import Figure, cpu_seconds, fashion_requests, median
 
 from worldmesh_operator.run import LocalDeployment
 from worldmesh_worker.control import wait_until
@@ -39,6 +45,8 @@ from worldmesh_worker.loadgen import ClosedLoop, toy_request
 SIZES = (1, 2, 4, 8)
 FAN_OUTS: tuple[int | str, ...] = ("all", 2)
 SLOW = {"WORLDMESH_TOY_BLOCK_DELAY_S": "0.001"}
+FASHION = Path(__file__).parents[1] / "examples" / "efficientnet-fashion.yaml"
+FASHION_N = 4  # the fashion example's stages at 4 workers each: 12 EfficientNet workers
 
 
 def manifest(n: int, fan_out: int | str) -> dict[str, Any]:
@@ -82,16 +90,37 @@ async def middle_rows(deployment: LocalDeployment) -> dict[str, float]:
     return rows
 
 
-async def one(n: int, fan_out: int | str, workdir: Path) -> dict[str, Any]:
-    path = workdir / f"growth-{n}-{fan_out}.yaml"
-    path.write_text(yaml.safe_dump(manifest(n, fan_out)))
+def fashion(n: int, fan_out: int | str) -> dict[str, Any]:
+    """The fashion example with N workers in every stage, pinned (no autoscaling), early
+    exits off: the pipeline's own throughput."""
+    example = yaml.safe_load(FASHION.read_text())
+    spec = example["spec"]
+    for stage in spec["stages"]:
+        stage["replicas"] = {"min": n, "max": n}
+    spec["worlds"]["fanOut"] = fan_out
+    spec["autoscaling"]["enabled"] = False
+    spec["earlyExits"]["enabled"] = False
+    return example
+
+
+async def one(
+    n: int,
+    fan_out: int | str,
+    workdir: Path,
+    model: str = "toy",
+) -> dict[str, Any]:
+    label = f"{model}-{n}-{fan_out}"
+    path = workdir / f"growth-{label}.yaml"
+    toy = model == "toy"
+    path.write_text(yaml.safe_dump(manifest(n, fan_out) if toy else fashion(n, fan_out)))
     deployment = LocalDeployment(
-        path, workdir / f"run-{n}-{fan_out}", env=SLOW, out=lambda _: None, port=0
+        path, workdir / f"run-{label}", env=SLOW if toy else {}, out=lambda _: None, port=0
     )
+    requests = toy_request if toy else fashion_requests()
     start = time.monotonic()
     task = asyncio.create_task(deployment.run())
     try:
-        body, _ = toy_request(0)
+        body, _ = requests(0)
         async with aiohttp.ClientSession() as session:
 
             async def answered() -> bool:
@@ -126,7 +155,7 @@ async def one(n: int, fan_out: int | str, workdir: Path) -> dict[str, Any]:
         after = {pid: proc(pid) for pid in pids}
         idle = sum(after[p][3] - before[p][3] for p in pids) / 10.0
         rows_before = await middle_rows(deployment)
-        async with ClosedLoop(deployment.runtime.endpoint, toy_request, 8) as load:
+        async with ClosedLoop(deployment.runtime.endpoint, requests, 8) as load:
             await load.answered(20)
             counted = load.result.ok
             t0 = time.monotonic()
@@ -136,6 +165,7 @@ async def one(n: int, fan_out: int | str, workdir: Path) -> dict[str, Any]:
         shares = [rows_after[w] - rows_before.get(w, 0.0) for w in rows_after]
         mean = sum(shares) / len(shares) if shares else 0.0
         return {
+            "model": model,
             "workers_per_stage": n,
             "fan_out": fan_out,
             "worlds": worlds,
@@ -150,12 +180,49 @@ async def one(n: int, fan_out: int | str, workdir: Path) -> dict[str, Any]:
             "lost": load.result.lost,
             "open_failures": sum(
                 log.read_text(errors="replace").count("failed to open")
-                for log in (workdir / f"run-{n}-{fan_out}").glob("*.log")
+                for log in (workdir / f"run-{label}").glob("*.log")
             ),
         }
     finally:
         deployment.delete()
         await asyncio.wait_for(task, 120)
+
+
+async def fashion_rounds(workdir: Path, rounds: int) -> list[Figure]:
+    """The fashion example at ``FASHION_N`` workers per stage, fan-out 2 against all, in
+    alternating order over ``rounds``: throughput ratio and the middle stage's balance."""
+    ratios, bounded, full = [], [], []
+    for r in range(rounds):
+        order: tuple[int | str, ...] = (2, "all") if r % 2 == 0 else ("all", 2)
+        (workdir / f"round-{r}").mkdir()
+        got = {k: await one(FASHION_N, k, workdir / f"round-{r}", "fashion") for k in order}
+        bounded.append(got[2])
+        full.append(got["all"])
+        ratios.append(got[2]["throughput_rps"] / got["all"]["throughput_rps"])
+    balance = [row["middle_max_over_mean"] for row in bounded]
+    return [
+        Figure(
+            f"fashion example, {FASHION_N} workers per stage: throughput, fan-out 2 ÷ all",
+            median(ratios),
+            "x",
+            ">= 0.95",
+            f"{', '.join(str(b['throughput_rps']) for b in bounded)} vs "
+            f"{', '.join(str(f['throughput_rps']) for f in full)} requests/s over {rounds} "
+            "alternating rounds",
+            samples=ratios,
+            detail={"table": bounded + full},
+        ),
+        Figure(
+            f"fashion example, {FASHION_N} workers per stage, fan-out 2: "
+            "middle stage's busiest worker over the mean",
+            max(balance),
+            "x",
+            "<= 1.1",
+            f"fan-out all: {max(row['middle_max_over_mean'] for row in full):.3f} x "
+            f"(worst of {rounds} rounds)",
+            samples=balance,
+        ),
+    ]
 
 
 async def run(quick: bool = False) -> list[Figure]:
@@ -165,6 +232,7 @@ async def run(quick: bool = False) -> list[Figure]:
         for n in sizes:
             for fan_out in FAN_OUTS:
                 rows[(n, fan_out)] = await one(n, fan_out, Path(tmp))
+        fashion_figures = await fashion_rounds(Path(tmp), 1 if quick else 2)
     table = [rows[key] for key in sorted(rows, key=lambda k: (k[0], str(k[1])))]
     top = sizes[-1]
     bounded, full = rows[(top, 2)], rows[(top, "all")]
@@ -203,4 +271,5 @@ async def run(quick: bool = False) -> list[Figure]:
             f"fan-out all at N={top}: {full['throughput_rps']} requests/s",
         ),
         figure("middle stage's busiest worker over the mean", "middle_max_over_mean", "x"),
+        *fashion_figures,
     ]
