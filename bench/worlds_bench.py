@@ -4,9 +4,10 @@ Forwarding: the same peer code (bench/world_peer.py, World objects, the real wir
 and threads) carries a closed-loop request/result flow either over per-pair 2-rank
 groups opened by WorldManager (with heartbeats: the real thing) or over views on one
 shared N-rank Gloo group (the baseline: what ``init_process_group`` would give).
-Topologies: a chain (source -> middle -> sink) and a fan (2 sources -> middle -> 2
-sinks: the middle holds four worlds). Modes alternate within each repetition, and the
-ratio is taken within the repetition.
+Topologies: a chain (source -> middle -> sink), a fan (2 sources -> middle -> 2 sinks:
+the middle holds four worlds) and a wide fan (32 sources -> middle -> 32 sinks: 64
+worlds, two repetitions, one in each order; 65 processes share the 2 cores). Modes alternate within each
+repetition, and the ratio is taken within the repetition.
 
 Detection: this process holds a world with a peer process, SIGKILLs or SIGSTOPs it, and
 times how long until the world is reported down here. Opening: the time from the host's
@@ -69,6 +70,8 @@ TOPOLOGIES = {
     # name: (sources, sinks) around one middle
     "chain": (["src-a"], ["sink-a"]),
     "fan": (["src-a", "src-b"], ["sink-a", "sink-b"]),
+    # a middle worker with 64 worlds: 32 upstream, 32 downstream (65 processes)
+    "fan64": ([f"src-{i:02d}" for i in range(32)], [f"sink-{i:02d}" for i in range(32)]),
 }
 
 
@@ -266,6 +269,17 @@ async def run(quick: bool = False) -> list[Figure]:
             "a worker with four worlds (fan-in, fan-out), per-pair ÷ shared group",
         ),
     ]
+    if not quick:
+        figures.append(
+            await forwarding(
+                "fan64",
+                2,  # one in each order
+                seconds,
+                256,
+                2,
+                "a worker with 64 worlds (32 in, 32 out), per-pair ÷ shared group",
+            )
+        )
     kill = await detection(signal.SIGKILL, 3 if quick else 10)
     figures.append(
         Figure(
