@@ -901,6 +901,12 @@ def _confident(rows: int, sure: list[bool]) -> torch.Tensor:
     return logits
 
 
+def _early_exits_exported(front: Front) -> float | None:
+    """``worldmesh_early_exits_total`` of ramp 0, as the front worker exports it."""
+    labels = {"deployment": "d", "stage": "0", "worker": "w", "ramp": "0"}
+    return front.metrics.registry.get_sample_value("worldmesh_early_exits_total", labels)
+
+
 async def _submitted(front: Front, task: asyncio.Task, n: int) -> list[int]:
     while len(front.requests) < n and not task.done():
         await asyncio.sleep(0)
@@ -919,7 +925,25 @@ async def test_a_partly_confident_request_is_not_an_early_exit(toy_ramps: Path) 
     front.ramp_answer(rows, 0, _confident(2, [False, True]), 0.001)  # now both answered
     _, exit_ = await task
     assert exit_ == 0 and front.controller.status()["ramps"][0]["exits"] == 1
+    assert _early_exits_exported(front) == 1.0
     assert front._running_on == 2  # released rows run on to the last stage
+
+
+async def test_a_final_answer_that_wins_the_race_is_no_early_exit(toy_ramps: Path) -> None:
+    """Released by its ramp and finished by the last stage before its handler ran: the
+    client gets the final answer, and no early exit is counted (the counter and
+    ``/v1/ramps`` counted one per release, more than the early answers clients got)."""
+    front = make_stage(toy_ramps, threshold=0.5).front
+    assert front is not None and front.controller is not None
+    x = np.zeros((1, 16), dtype=np.float32)
+    task = asyncio.create_task(front.answer({"x": x}))
+    rows = await _submitted(front, task, 1)
+    front.ramp_answer(rows, 0, _confident(1, [True]), 0.001)
+    front.deliver(rows, (torch.ones(1, 4),))  # in the same turn: the handler has not run
+    _, exit_ = await task
+    assert exit_ is None  # the final answer
+    assert front.controller.status()["ramps"][0]["exits"] == 0
+    assert _early_exits_exported(front) in (None, 0.0)
 
 
 async def test_back_pressure_is_bounded_rechecked_and_never_leaks(toy_ramps: Path) -> None:

@@ -135,6 +135,10 @@ class Front:
             elif request.early is not None and request.early in done:
                 released = True  # the rows run on: the final answer labels this exit
                 logits = torch.cat([request.ramp_logits[r] for r in rows])
+                # Counted here, as the client gets it: a final answer that arrived in the
+                # same turn as the release wins (above), and is no early exit.
+                assert self.controller is not None
+                self.controller.on_release(request.exit)  # one early exit per request
                 return self.model.postprocess((logits,)), request.early.result()
             else:
                 raise ServiceUnavailable(f"no answer within {timeout:g} s", retry_after=1.0)
@@ -188,7 +192,6 @@ class Front:
                 if done and request.early is not None and not request.early.done():
                     request.early.set_result(request.exit)
                     self._running_on += len(request.rows)
-                    self.controller.on_release(request.exit)  # one early exit per request
 
     def deliver(self, rows: list[int], tensors: tuple[torch.Tensor, ...]) -> None:
         """Last-stage rows for ``rows``: label their exits, and finish their requests."""
