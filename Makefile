@@ -8,7 +8,7 @@ export WORLDMESH_CACHE ?= $(HOME)/.cache/worldmesh
 APT_PACKAGES := dataset-fashion-mnist prometheus
 MODELS := efficientnet-lite0 minilm-l6
 
-.PHONY: setup apt venv models ramps tools schema dashboards run test lint format bench chaos clean
+.PHONY: setup apt venv models ramps tools schema dashboards proto run test lint format bench chaos clean
 
 # Everything; the tests need all but the ramps (they train their own on the toy model).
 setup: apt venv models ramps tools schema
@@ -68,6 +68,11 @@ $(SCHEMA)/node_modules/.package-lock.json: $(SCHEMA)/package-lock.json $(SCHEMA)
 # Regenerate the Grafana dashboards the chart ships (helm/worldmesh/dashboards/*.json).
 dashboards: $(VENV)/.installed
 	$(PY) -m dashboards
+
+# Regenerate the Open Inference Protocol's gRPC modules from their .proto (committed).
+proto: $(VENV)/.installed
+	cd worker && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
+	  worldmesh_worker/oip/grpc_predict_v2.proto
 
 run: setup
 	$(VENV)/bin/worldmesh demo

@@ -51,7 +51,7 @@ async def bare_worker_ready(workdir: Path) -> float:
         "stage": 0,
         "model": "efficientnet-lite0",
         "splitPoints": [6, 12],
-        "ports": {"http": 0, "control": 0},
+        "ports": {"http": 0, "control": 0, "grpc": 0},
         "token": "bench",
     }
     path = workdir / "bare.yaml"

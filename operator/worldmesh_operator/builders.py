@@ -110,7 +110,7 @@ def worker_config(spec: DeploymentSpec, stage: int, worker_id: str) -> dict[str,
     config = spec.stage_config(stage)
     config.update(
         worker=worker_id,  # no host: the worker binds and advertises its pod IP ($POD_IP)
-        ports={"http": spec.ports.http, "control": spec.ports.control},
+        ports={"http": spec.ports.http, "control": spec.ports.control, "grpc": spec.ports.grpc},
         tokenFile=f"{TOKEN_DIR}/{TOKEN_KEY}",
         device="cuda" if spec.stages[stage].resources.gpus else "cpu",
     )
@@ -174,6 +174,7 @@ def build_worker_pod(
         "ports": [
             {"name": "http", "containerPort": spec.ports.http, "protocol": "TCP"},
             {"name": "control", "containerPort": spec.ports.control, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": spec.ports.grpc, "protocol": "TCP"},
         ],
         "resources": {"requests": resources, "limits": limits},
         "readinessProbe": probe("/v2/health/ready", 2, 3),
@@ -240,7 +241,8 @@ def build_worker_pod(
 def build_front_service(
     spec: DeploymentSpec, owner: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """A ClusterIP Service over the front stage's ready workers (the OIP endpoint)."""
+    """A ClusterIP Service over the front stage's ready workers (the OIP endpoint: REST on
+    ``http``, gRPC on ``grpc``)."""
     return _object(
         "Service",
         front_service_name(spec),
@@ -250,7 +252,10 @@ def build_front_service(
         spec={
             "type": "ClusterIP",
             "selector": worker_selector(spec, 0),
-            "ports": [{"name": "http", "port": spec.ports.http, "targetPort": "http"}],
+            "ports": [
+                {"name": "http", "port": spec.ports.http, "targetPort": "http"},
+                {"name": "grpc", "port": spec.ports.grpc, "targetPort": "grpc"},
+            ],
         },
     )
 

@@ -113,6 +113,7 @@ class EarlyExitsSpec:
 class Ports:
     http: int = 8080
     control: int = 8081
+    grpc: int = 8001
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +262,7 @@ def parse_spec(manifest: Any, crd: Path | None = None) -> DeploymentSpec:
             threshold=float(exits["threshold"]) if "threshold" in exits else None,
         ),
         image=spec.get("image"),
-        ports=Ports(http=spec["port"], control=spec["controlPort"]),
+        ports=Ports(http=spec["port"], control=spec["controlPort"], grpc=spec["grpcPort"]),
         limits=LimitsSpec(
             max_request_bytes=limits["maxRequestBytes"],
             max_queue_rows=limits["maxQueueRows"],

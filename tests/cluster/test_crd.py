@@ -282,7 +282,7 @@ async def test_example_is_stored_with_the_expected_defaults(
     assert errors == []
     assert stored["spec"] == defaulted["spec"]
     spec = stored["spec"]
-    assert (spec["port"], spec["controlPort"]) == (8080, 8081)
+    assert (spec["port"], spec["controlPort"], spec["grpcPort"]) == (8080, 8081, 8001)
     assert spec["worlds"]["maxMessageBytes"] == 268435456
     assert spec["autoscaling"]["scaleUpLimit"] == {"workers": 4, "periodSeconds": 15}
     assert spec["earlyExits"]["policy"] == "online"
@@ -437,6 +437,7 @@ VIOLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {"spec.model.splitPoints": [2, 4]},
     ),
     "must differ from port": ("spec", {"spec.controlPort": 8080}),
+    "must differ from port and controlPort": ("spec", {"spec.grpcPort": 8081}),
     "must name a stage of spec.stages": ("spec", {"spec.scaleTarget": "tail"}),
     "must lie within replicas.min..replicas.max of every stage it scales": (
         "spec",

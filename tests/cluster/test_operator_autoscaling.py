@@ -46,6 +46,7 @@ def manifest(name: str, namespace: str) -> dict[str, object]:
             "model": {"name": "toy-slow", "splitPoints": [1]},
             "port": free_port(),
             "controlPort": free_port(),
+            "grpcPort": free_port(),
             "stages": [
                 {"name": "front", "replicas": {"min": 1, "max": 1}},
                 {

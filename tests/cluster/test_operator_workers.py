@@ -58,6 +58,7 @@ def manifest(
             "model": {"name": "toy", "splitPoints": [1, 3]},
             "port": free_port(),
             "controlPort": free_port(),
+            "grpcPort": free_port(),
             "stages": [
                 {"name": "front", "replicas": {"min": 1, "max": 1}},
                 {"name": "middle", "replicas": {"min": low, "max": high}},

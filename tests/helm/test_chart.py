@@ -373,9 +373,15 @@ def test_network_policy_isolates_worker_ports() -> None:
         "kubernetes.io/metadata.name": NAMESPACE
     }
     assert worker_peer == {"podSelector": workers}
-    assert inference == {"ports": [{"port": 8080, "protocol": "TCP"}]}
+    # the inference ports, REST and gRPC: from anyone by default
+    assert inference == {
+        "ports": [{"port": 8080, "protocol": "TCP"}, {"port": 8001, "protocol": "TCP"}]
+    }
     restricted = by_kind(render(*ALL_ON_ARGS), "NetworkPolicy")[0]["spec"]["ingress"][1]
-    assert restricted["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert restricted["ports"] == [
+        {"port": "http", "protocol": "TCP"},
+        {"port": 8001, "protocol": "TCP"},
+    ]
     assert restricted["from"]
     assert not by_kind(render("--set", "networkPolicy.enabled=false"), "NetworkPolicy")
 

@@ -5,7 +5,8 @@
   probes on the health endpoints, the drain grace period, the worker config (its id, ports,
   token file, device) as an annotation mounted through the downward API, the token Secret
   mounted read-only, and the spec's image over the operator's default;
-- the front Service selects stage 0 only, the headless peer Service every worker;
+- the front Service selects stage 0 only and serves REST and gRPC, the headless peer
+  Service every worker;
 - the token Secret holds the token base64-encoded;
 - the status: conditions from the phase (transition time kept while a status holds),
   /scale's replicas and selector with and without scaleTarget; an invalid spec's status.
@@ -81,12 +82,14 @@ def test_worker_pod() -> None:
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "http": 8080,
         "control": 8081,
+        "grpc": 8001,
     }
     assert pod["spec"]["terminationGracePeriodSeconds"] > 60  # the worker's drain timeout
     assert pod["spec"]["restartPolicy"] == "Never"
     config = json.loads(meta["annotations"][builders.ANNOTATION_CONFIG])
     assert config["worker"] == "toy-s1-abc" and config["stage"] == 1
-    assert config["ports"] == {"http": 8080, "control": 8081} and "host" not in config
+    assert config["ports"] == {"http": 8080, "control": 8081, "grpc": 8001}
+    assert "host" not in config
     pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
     assert container["env"] == [pod_ip]  # the worker serves on its pod's address
     assert config["tokenFile"] == f"{builders.TOKEN_DIR}/token" and config["device"] == "cuda"
@@ -144,6 +147,11 @@ def test_services_and_secret() -> None:
         "worldmesh.io/stage": "0",
     }
     assert front["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    # one endpoint, both transports of the protocol
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in front["spec"]["ports"]} == {
+        "http": (8080, "http"),
+        "grpc": (8001, "grpc"),
+    }
     peers = builders.build_peer_headless_service(spec(), OWNER)
     assert peers["metadata"]["name"] == "toy-peers"
     assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"]

@@ -63,7 +63,18 @@ WORKER_LAYERS: list[tuple[str, set[str]]] = [
             "worlds.manager",
         },
     ),
-    ("protocol and wiring", {"_tensor_codec", "protocol", "router", "config"}),
+    (
+        "protocol and wiring",
+        {
+            "_tensor_codec",
+            "protocol",
+            "router",
+            "config",
+            "oip",
+            "oip.grpc_predict_v2_pb2",
+            "oip.grpc_predict_v2_pb2_grpc",
+        },
+    ),
     (
         "models and early exits",
         {
@@ -86,7 +97,7 @@ WORKER_LAYERS: list[tuple[str, set[str]]] = [
     ),
     ("the stage's roles", {"peers", "front", "exits.stage"}),
     ("stage", {"stage"}),
-    ("servers", {"server"}),
+    ("servers", {"server", "grpc_server"}),
     ("process", {"main", "__main__", "local", "loadgen"}),
 ]
 

@@ -255,6 +255,7 @@ BAD = [
         "spec.worlds.heartbeatTimeoutMs: must exceed twice heartbeatIntervalMs",
     ),
     ("spec.controlPort", 8080, "spec.controlPort: must differ from port"),
+    ("spec.grpcPort", 8080, "spec.grpcPort: must differ from port and controlPort"),
     ("spec.port", 70000, "spec.port: must be <= 65535"),
     ("spec.scaleTarget", "tail", "spec.scaleTarget: must name a stage of spec.stages"),
     (

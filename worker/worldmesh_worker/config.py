@@ -57,6 +57,7 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     http_port: int = 8080
     control_port: int = 8081
+    grpc_port: int = 8001  #: the Open Inference Protocol over gRPC (Triton's port)
     device: str = "cpu"
     threads: int = 1
     backend: str = "auto"
@@ -124,6 +125,7 @@ def parse_config(raw: Any, settings: WorkerSettings) -> WorkerConfig:
         host=r.str("host", default=settings.pod_ip or "127.0.0.1"),
         http_port=ports.int("http", default=8080, lo=0, hi=65535),
         control_port=ports.int("control", default=8081, lo=0, hi=65535),
+        grpc_port=ports.int("grpc", default=8001, lo=0, hi=65535),
         device=r.str("device", default="cpu"),
         threads=r.int("threads", default=1, lo=1),
         backend=backend,

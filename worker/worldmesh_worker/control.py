@@ -1,8 +1,8 @@
 """The operator's contract with a worker: its READY line, its control API, and wiring.
 
 A supervisor (the operator's runtimes, ``LocalPipeline``) starts a worker, reads the line
-``READY_PREFIX {"http": PORT, "control": PORT}`` from its stdout (local processes), and
-then speaks only the control API (``ControlClient``: status, worlds, drain; bearer token).
+``READY_PREFIX {"http": PORT, "control": PORT, "grpc": PORT}`` from its stdout (local
+processes), and then speaks only the control API (``ControlClient``: status, worlds, drain; bearer token).
 ``connect`` opens the world between two ``Peer`` s of neighbouring stages: the one whose id
 sorts first hosts (it opens the rendezvous and answers its address), the other joins, and
 the call returns once the host reports the world ready (``worlds.manager`` explains why

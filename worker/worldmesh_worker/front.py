@@ -28,6 +28,7 @@ from .errors import InvalidInput, Overloaded, ServiceUnavailable
 from .exits.controller import ExitController
 from .metrics import WorkerMetrics
 from .peers import Peers
+from .protocol import InferRequest
 from .router import Router
 
 
@@ -81,6 +82,18 @@ class Front:
         """Run one request through the whole pipeline."""
         outputs, _ = await self.answer(inputs, early=False)
         return outputs
+
+    async def serve(self, request: InferRequest) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Answer a decoded OIP request, whatever its transport: its outputs, and the
+        response's parameters (``exit``: the ramp that answered, or ``"final"``, with early
+        exits on). ``parameters.early_exit: false`` asks for the full model's answer."""
+        early = request.parameters.get("early_exit", True)
+        if not isinstance(early, bool):
+            raise InvalidInput(f"parameters.early_exit: expected a boolean, got {early!r}")
+        outputs, exit_ = await self.answer({i.name: i.data for i in request.inputs}, early)
+        if self.controller is None:
+            return outputs, {}
+        return outputs, {"exit": "final" if exit_ is None else exit_}
 
     async def answer(
         self, inputs: dict[str, np.ndarray], early: bool = True

@@ -37,6 +37,7 @@ class WorkerProcess:
     control: ControlClient
     log_path: Path
     device: str = "cpu"
+    grpc_port: int = 0
 
     @property
     def pid(self) -> int:
@@ -45,6 +46,11 @@ class WorkerProcess:
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` of the worker's gRPC endpoint (as gRPC clients take it)."""
+        return f"127.0.0.1:{self.grpc_port}"
 
 
 @dataclass
@@ -123,7 +129,7 @@ class LocalPipeline:
             "model": self.model,
             "splitPoints": list(self.split_points),
             "host": "127.0.0.1",
-            "ports": {"http": 0, "control": 0},
+            "ports": {"http": 0, "control": 0, "grpc": 0},
             "batching": self.batching,
             "limits": self.limits,
             "worlds": self.worlds,
@@ -147,7 +153,14 @@ class LocalPipeline:
         ports = json.loads(line[len(READY_PREFIX) :])
         control = ControlClient(self.session, f"http://127.0.0.1:{ports['control']}", self.token)
         worker = WorkerProcess(
-            name, stage, process, ports["http"], ports["control"], control, log_path
+            name,
+            stage,
+            process,
+            ports["http"],
+            ports["control"],
+            control,
+            log_path,
+            grpc_port=ports["grpc"],
         )
         self.workers.append(worker)
         return worker

@@ -19,6 +19,7 @@ import torch
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from . import grpc_server
 from .config import ConfigError, WorkerConfig, load_config
 from .control import READY_PREFIX
 from .metrics import WorkerMetrics
@@ -51,6 +52,7 @@ async def serve(config: WorkerConfig, settings: WorkerSettings) -> None:
         await site.start()
         runners.append(runner)
         ports[key] = runner.addresses[0][1]
+    grpc, ports["grpc"] = await grpc_server.start(stage, config.host, config.grpc_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -71,6 +73,7 @@ async def serve(config: WorkerConfig, settings: WorkerSettings) -> None:
         log.warning("drain did not finish within %g s; stopping anyway", DRAIN_TIMEOUT_S)
     finally:
         await stage.stop()
+        await grpc.stop(grace=None)
         for runner in runners:
             await runner.cleanup()
 

@@ -197,6 +197,19 @@ def decode_infer_request(
 ) -> InferRequest:
     """Parse and validate an inference request; raises ``InvalidInput`` naming the field."""
     doc, binary = _body(body, headers)
+    return decode_infer_doc(doc, binary, inputs, outputs, max_depth=max_depth)
+
+
+def decode_infer_doc(
+    doc: dict[str, Any],
+    binary: memoryview | None,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    *,
+    max_depth: int = 8,
+) -> InferRequest:
+    """Validate a request already parsed into its JSON form, with the binary data after it
+    (``binary_data_size`` inputs take theirs in input order); every transport ends here."""
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"id: expected a string, got {kind(request_id)}")

@@ -156,15 +156,7 @@ class InferenceApp:
             req = await asyncio.to_thread(
                 decode_infer_request, body, request.headers, model.inputs, model.outputs
             )
-            early = req.parameters.get("early_exit", True)
-            if not isinstance(early, bool):
-                raise InvalidInput(f"parameters.early_exit: expected a boolean, got {early!r}")
-            inputs = {i.name: i.data for i in req.inputs}
-            outputs, exit_ = await front.answer(inputs, early)
-            # which exit answered: a ramp's block index, or "final" (only with early exits on)
-            params = None
-            if front.controller is not None:
-                params = {"exit": "final" if exit_ is None else exit_}
+            outputs, params = await front.serve(req)
             payload, headers = await asyncio.to_thread(
                 encode_infer_response, self.name, MODEL_VERSION, req, outputs, params
             )

@@ -256,7 +256,7 @@ class LocalRuntime(WorkerRuntime):
         config.update(
             worker=worker_id,
             host=self.host,
-            ports={"http": 0, "control": 0},
+            ports={"http": 0, "control": 0, "grpc": 0},
             tokenFile=str(self.token_path),
         )
         layout = layout_of(config.get("model"), config.get("splitPoints"))
@@ -294,6 +294,7 @@ class LocalRuntime(WorkerRuntime):
             ports["control"],
             control,
             worker.log_path,
+            grpc_port=ports["grpc"],
         )
         self._write_targets()
 
