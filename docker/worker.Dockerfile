@@ -55,8 +55,9 @@ COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder --chown=10001:10001 /var/cache/worldmesh /var/cache/worldmesh
 USER 10001:10001
 WORKDIR /home/worldmesh
-# 8080: Open Inference Protocol, health and /metrics; 8081: the control API. World ports
-# (one per world: its rendezvous, then its heartbeats) are ephemeral.
-EXPOSE 8080 8081
+# 8080: Open Inference Protocol (REST), health and /metrics; 8001: the same protocol over
+# gRPC; 8081: the control API. World ports (one per world: its rendezvous, then its
+# heartbeats) are ephemeral.
+EXPOSE 8080 8001 8081
 ENTRYPOINT ["worldmesh", "worker"]
 CMD ["--config", "/etc/worldmesh/worker.yaml"]
