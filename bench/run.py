@@ -23,6 +23,7 @@ import exits_bench
 import growth_bench
 import pipeline_bench
 import plan_bench
+import protocol_bench
 import shift_bench
 import worlds_bench
 
@@ -31,6 +32,7 @@ BENCHMARKS = {
     "pipeline": pipeline_bench.run,
     "control": control_bench.run,
     "plan": plan_bench.run,
+    "protocol": protocol_bench.run,
     "growth": growth_bench.run,
     "exits": exits_bench.run,
     "shift": shift_bench.run,
