@@ -83,7 +83,7 @@ def _typed(tensor: Any, path: str) -> bytes:
     if dtype is None:
         return b"".join(_LENGTH.pack(len(item)) + item for item in values)
     array = np.asarray(values)
-    if array.size and dtype().dtype.kind in "iu":
+    if array.size and np.dtype(dtype).kind in "iu":
         info = np.iinfo(dtype)
         if array.min() < info.min or array.max() > info.max:
             raise InvalidInput(f"{path}.contents.{field}: a value is out of range for {datatype}")
