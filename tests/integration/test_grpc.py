@@ -13,17 +13,26 @@ Covers:
 - ModelInfer with typed ``contents`` (through tritonclient's generated stub) answers typed
   contents, and the same input gives the same answer over REST and gRPC;
 - bad requests get the error table's code with a message naming what is wrong: a wrong
-  datatype, raw contents shorter than the shape, typed and raw contents together, an unknown
+  datatype, raw contents shorter than the shape, typed and raw contents together, a
+  ``binary_data_size`` that disagrees with its raw entry or comes without one, an unknown
   input or output (INVALID_ARGUMENT); an unknown model, or infer sent to the stage-1 worker
   (NOT_FOUND); a message over ``maxRequestBytes`` (RESOURCE_EXHAUSTED); a client deadline
   that passes (DEADLINE_EXCEEDED, on the client);
+- kserve's own ``InferenceGRPCClient`` (run in KServe's environment, ``make kserve``):
+  liveness and readiness, raw and typed contents with the exact answer, the id echoed,
+  requested outputs, and the codes of an unknown input, a wrong datatype and an unknown
+  model;
 - after all of this both workers live, nothing was logged as an unexpected error, and a
   request still gets the exact answer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -169,12 +178,20 @@ def _bad_requests() -> dict[str, tuple[pb.ModelInferRequest, grpc.StatusCode, st
     unknown_output.outputs.add(name="w")
     unknown_model = raw_request(x)
     unknown_model.model_name = "nope"
+    size_disagrees = raw_request(x)
+    size_disagrees.inputs[0].parameters["binary_data_size"].int64_param = 60
+    size_without_raw = pb.ModelInferRequest(model_name=MODEL)
+    typed = size_without_raw.inputs.add(name="x", datatype="FP32", shape=[1, 16])
+    typed.contents.fp32_contents.extend(x.ravel().tolist())
+    typed.parameters["binary_data_size"].int64_param = 64
     big = np.zeros((MAX_REQUEST_BYTES // 64 + 1, 16), np.float32)
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     return {
         "wrong-datatype": (wrong_type, invalid, "inputs[0].datatype"),
         "raw-shorter-than-shape": (short, invalid, "inputs[0]"),
         "typed-and-raw": (both, invalid, "inputs[0].contents"),
+        "raw-size-disagrees": (size_disagrees, invalid, "binary_data_size: 60, but"),
+        "size-without-raw": (size_without_raw, invalid, "without raw_input_contents"),
         "unknown-input": (unknown_input, invalid, "unknown input 'z'"),
         "unknown-output": (unknown_output, invalid, "unknown output 'w'"),
         "unknown-model": (unknown_model, grpc.StatusCode.NOT_FOUND, "'nope'"),
@@ -204,6 +221,46 @@ async def test_infer_at_stage_one_and_a_passed_deadline(pipeline: LocalPipeline)
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         got, _ = code_of(stub.ModelInfer, raw_request(inputs(1)), timeout=1e-4)
     assert got is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+KSERVE_PYTHON = Path(__file__).resolve().parents[2] / ".venv-kserve" / "bin" / "python"
+
+
+@pytest.mark.skipif(not KSERVE_PYTHON.exists(), reason="no KServe environment: `make kserve`")
+async def test_kserves_own_grpc_client(front: WorkerProcess) -> None:
+    x = inputs(3, seed=5)
+    script = Path(__file__).with_name("kserve_client.py")
+    process = await asyncio.create_subprocess_exec(
+        str(KSERVE_PYTHON),
+        str(script),
+        front.grpc_target,
+        MODEL,
+        json.dumps(x.tolist()),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, err.decode()[-3000:]
+    seen = json.loads(out)
+    assert seen["live"] and seen["ready"] and seen["model_ready"]
+    want = reference(x)
+    raw = seen["raw"]
+    assert raw["id"] == "raw-1"
+    assert raw["outputs"]["y"] == {"shape": [3, 4], "datatype": "FP32", "data": want.tolist()}
+    assert raw["outputs"]["label"]["data"] == want.argmax(axis=1).tolist()
+    typed = seen["typed"]
+    assert typed["id"] == "typed-2"
+    assert list(typed["outputs"]) == ["label"]  # only what was asked for
+    assert typed["outputs"]["label"]["data"] == want.argmax(axis=1).tolist()
+    errors = seen["errors"]
+    assert (
+        errors["unknown input"][0] == "INVALID_ARGUMENT" and "'nope'" in errors["unknown input"][1]
+    )
+    assert (
+        errors["wrong datatype"][0] == "INVALID_ARGUMENT" and "FP32" in errors["wrong datatype"][1]
+    )
+    assert errors["unknown model"][0] == "NOT_FOUND" and "'nope'" in errors["unknown model"][1]
 
 
 async def test_the_workers_live_on_after_all_of_this(

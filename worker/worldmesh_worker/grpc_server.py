@@ -61,8 +61,6 @@ def _parameter(value: pb.InferParameter) -> Any:
 
 
 def _parameters(params: Any, path: str) -> dict[str, Any]:
-    if "binary_data_size" in params:
-        raise InvalidInput(f"{path}.binary_data_size: not a gRPC parameter (use raw contents)")
     return {key: _parameter(value) for key, value in params.items()}
 
 
@@ -102,11 +100,22 @@ def infer_doc(request: pb.ModelInferRequest) -> tuple[dict[str, Any], memoryview
     for i, tensor in enumerate(request.inputs):
         path = f"inputs[{i}]"
         params = _parameters(tensor.parameters, f"{path}.parameters")
+        # kserve's client sends the raw entry's size too, as over REST: it must agree
+        size = params.pop("binary_data_size", None)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"{path}.contents: not with raw_input_contents")
             blob = raw[i]
+            if size is not None and size != len(blob):
+                raise InvalidInput(
+                    f"{path}.parameters.binary_data_size: {size!r}, but its raw_input_contents "
+                    f"entry holds {len(blob)} bytes"
+                )
         else:
+            if size is not None:
+                raise InvalidInput(
+                    f"{path}.parameters.binary_data_size: given without raw_input_contents"
+                )
             blob = _typed(tensor, path)
         blobs.append(blob)
         inputs.append(
