@@ -437,6 +437,7 @@ SERIES = {
     "worldmesh_worlds": "gauge",
     "worldmesh_world_failures": "counter",
     "worldmesh_retries": "counter",
+    "worldmesh_cancelled_rows": "counter",
 }
 
 

@@ -52,6 +52,7 @@ WORKER_LAYERS: list[tuple[str, set[str]]] = [
             "settings",
             "control",
             "batching",
+            "offload",
             "metrics",
             "data",
             "worlds",

@@ -20,7 +20,9 @@ Covers:
 - ``sweep`` fails the rows past their deadline (parked or in flight), per the
   injected clock, and only those;
 - FAILED messages reach ``on_failures`` with the peer's error;
-- ``forget`` drops rows; ``outstanding``, ``in_flight`` and ``has_live`` report state.
+- ``cancel`` drops rows and sends each world a CANCEL for exactly its rows in flight
+  (none for parked or unknown rows, nothing raised for a broken world); ``outstanding``,
+  ``in_flight`` and ``has_live`` report state.
 """
 
 from __future__ import annotations
@@ -422,18 +424,39 @@ def test_sweep_fails_parked_rows_when_no_world_ever_accepts() -> None:
     assert router.in_flight == 0
 
 
-def test_forget_drops_rows_and_their_outstanding_count() -> None:
+def test_cancel_drops_rows_and_their_outstanding_count() -> None:
     router, calls, clock = make(timeout_s=1.0)
-    worlds(router, "a")
+    (a,) = worlds(router, "a")
     router.dispatch([1, 2, 3], batch(3))
-    router.forget([1, 3, 42])
+    assert router.cancel([1, 3, 42]) == 2
     assert router.in_flight == 1
     assert router.outstanding() == {"a": 1}
+    assert [(m.kind, m.request_ids) for m in a.sent[1:]] == [(MessageKind.CANCEL, (1, 3))]
     router.on_message("a", result([1, 2, 3]))
     assert calls.answered() == [2]
     clock.now += 10
     router.sweep()
     assert calls.failures == []
+
+
+def test_cancel_tells_each_world_only_its_own_rows() -> None:
+    router, _, _ = make()
+    a, b = worlds(router, "a", "b")
+    router.dispatch([1, 2], batch(2))
+    router.dispatch([3], batch(1))  # the other world: fewer outstanding
+    b.broken = True  # a broken world has dropped its rows already: no error
+    assert router.cancel([1, 2, 3]) == 3
+    assert [m.request_ids for m in a.sent if m.kind is MessageKind.CANCEL] == [(1, 2)]
+    assert router.in_flight == 0
+
+
+def test_cancelling_parked_rows_sends_nothing() -> None:
+    router, _, _ = make()
+    (a,) = worlds(router, "a", accepting=False)
+    router.dispatch([1], batch(1))
+    assert router.cancel([1]) == 0
+    router.set_accepting("a", True)
+    assert a.sent == [] and router.in_flight == 0
 
 
 @pytest.mark.parametrize("n_worlds", [1, 2, 5])

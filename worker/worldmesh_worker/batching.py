@@ -57,20 +57,43 @@ class BatchQueue:
 
     async def next_batch(self) -> list[Item]:
         """Wait for the next batch: full, or due because its oldest row waited long enough."""
-        while not self._items:
-            self._changed.clear()
-            await self._changed.wait()
-        deadline = self._items[0].enqueued_at + self.max_queue_delay_s
-        while self._rows < self.max_batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                break
-        return self._take()
+        while True:
+            while not self._items:
+                self._changed.clear()
+                await self._changed.wait()
+            deadline = self._items[0].enqueued_at + self.max_queue_delay_s
+            while self._items and self._rows < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    break
+            if self._items:  # else every row was dropped while the batch filled
+                return self._take()
+
+    def drop(self, rows: set[int]) -> int:
+        """Remove ``rows`` from the queue (an item's ``context`` is its rows' ids, in order):
+        how many were here. An item left without rows goes; the others keep their place."""
+        removed = 0
+        kept: deque[Item] = deque()
+        for item in self._items:
+            keep = [i for i, row in enumerate(item.context) if row not in rows]
+            if len(keep) < len(item.context):
+                removed += len(item.context) - len(keep)
+                if not keep:
+                    continue
+                index = torch.tensor(keep)
+                item.tensors = tuple(t.index_select(0, index) for t in item.tensors)
+                item.context = [item.context[i] for i in keep]
+            kept.append(item)
+        if removed:
+            self._items = kept
+            self._rows -= removed
+            self._changed.set()
+        return removed
 
     def _take(self) -> list[Item]:
         batch = [self._items.popleft()]

@@ -19,9 +19,10 @@ import aiohttp
 
 READY_PREFIX = "WORLDMESH_READY "
 #: What two workers must share to open a world: 2 since the heartbeat hellos carry an HMAC
-#: under the deployment's token, 3 since the rendezvous runs over the heartbeat channel
-#: (a worker of one version cannot open a world with one of another).
-WIRE_VERSION = 3
+#: under the deployment's token, 3 since the rendezvous runs over the heartbeat channel,
+#: 4 since CANCEL messages drop a gone client's rows downstream (a worker of one version
+#: cannot open a world with one of another).
+WIRE_VERSION = 4
 
 
 def world_name(a: str, b: str) -> str:

@@ -27,6 +27,7 @@ from .config import WorkerConfig
 from .errors import InvalidInput, Overloaded, ServiceUnavailable
 from .exits.controller import ExitController
 from .metrics import WorkerMetrics
+from .offload import Offload
 from .peers import Peers
 from .protocol import InferRequest
 from .router import Router
@@ -71,6 +72,8 @@ class Front:
         self._running_on = 0  # released rows still running to the last stage
         self._running_on_limit = 2 * config.batching.max_batch_size * config.stages
         self._room = asyncio.Event()
+        # Tokenizing a large batch of long texts takes a while: off the loop, unless cheap.
+        self._preprocess = Offload(None)
 
     def wake(self) -> None:
         """Requests waiting for room check admission again (refused once draining)."""
@@ -103,8 +106,9 @@ class Front:
         ramp is confident for every row; the rows still run to the last stage, whose answer
         labels the exit for the tuner."""
         self._admit(0)
-        try:  # off the loop: tokenizing a large batch of long texts takes a while
-            tensors = await asyncio.to_thread(self.model.preprocess, inputs)
+        given = max((len(v) for v in inputs.values() if np.ndim(v) > 0), default=1)
+        try:
+            tensors = await self._preprocess.run(given, self.model.preprocess, inputs)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         n = int(tensors[0].shape[0])
@@ -167,9 +171,19 @@ class Front:
                     # can no longer give back their room when they return
                     self._running_on -= pending
                     self._room.set()
-                if self.router is not None:
-                    self.router.forget(rows)
+                if pending:
+                    self._cancel(rows)
         return self.model.postprocess(outputs), None
+
+    def _cancel(self, rows: list[int]) -> None:
+        """Nobody waits for ``rows`` any more (the client went away, or its time ran out):
+        drop those still queued here, and cancel those sent downstream."""
+        cancelled = self.queue.drop(set(rows))
+        self.metrics.queue_depth.set(self.queue.rows)
+        if self.router is not None:
+            cancelled += self.router.cancel(rows)
+            self.metrics.in_flight.set(self.router.in_flight)
+        self.metrics.cancelled_rows.inc(cancelled)
 
     def _admit(self, n: int) -> None:
         """Refuse a request of ``n`` rows while draining, not accepting or over the queue limit."""

@@ -46,7 +46,10 @@ async def serve(config: WorkerConfig, settings: WorkerSettings) -> None:
         ("http", InferenceApp(stage).app, config.http_port),
         ("control", control.app, config.control_port),
     ):
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # A client that hangs up cancels its handler: its rows are dropped downstream.
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, handler_cancellation=key == "http"
+        )
         await runner.setup()
         site = web.TCPSite(runner, config.host, port, reuse_address=True)
         await site.start()

@@ -57,6 +57,11 @@ class WorkerMetrics:
         self.retries = counter(
             "worldmesh_retries", "Rows resent to another worker after a world went down."
         ).labels(*values)
+        self.cancelled_rows = counter(
+            "worldmesh_cancelled_rows",
+            "Rows dropped here because their client went away or ran out of time (queued "
+            "here, or cancelled downstream from here).",
+        ).labels(*values)
         self.draining = gauge("worldmesh_draining", "1 while the worker drains.").labels(*values)
         # Early exits: exported by the front stage, which holds the tuner (label ramp = block).
         self._early_exits = counter(

@@ -14,6 +14,7 @@ request twice.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Callable
@@ -134,11 +135,23 @@ class Router:
         if late:
             self._on_failures(late, f"no result within {self._timeout_s:g} s")
 
-    def forget(self, rows: list[int]) -> None:
+    def cancel(self, rows: list[int]) -> int:
+        """Nobody wants ``rows`` any more (their client went away): forget those in flight
+        and tell each world that has some to drop them (a CANCEL; a broken world has
+        dropped them already). Returns how many were in flight."""
+        by_world: dict[str, list[int]] = {}
         for row in rows:
             pending = self._pending.pop(row, None)
-            if pending is not None and pending.world in self._targets:
-                self._targets[pending.world].outstanding -= 1
+            if pending is None:
+                continue
+            target = self._targets.get(pending.world) if pending.world else None
+            if target is not None:
+                target.outstanding -= 1
+                by_world.setdefault(pending.world, []).append(row)  # type: ignore[arg-type]
+        for world, cancelled in by_world.items():
+            with contextlib.suppress(WorldBroken):
+                self._targets[world].world.send(Message(MessageKind.CANCEL, tuple(cancelled)))
+        return sum(map(len, by_world.values()))
 
     # -- internals -------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -44,6 +45,7 @@ from .errors import (
     WorldNotFound,
     error_body,
 )
+from .offload import Offload
 from .protocol import decode_infer_request, encode_infer_response, model_metadata, server_metadata
 from .stage import Stage
 from .worlds import WorldBroken
@@ -84,6 +86,10 @@ class InferenceApp:
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         self.name = stage.config.deployment
+        # JSON work on a large body would hold up every other request: off the loop, by
+        # its measured cost per byte.
+        self._decode = Offload(None)
+        self._encode = Offload(None)
         self.app = web.Application(
             middlewares=[_errors], client_max_size=stage.config.limits.max_request_bytes
         )
@@ -152,13 +158,13 @@ class InferenceApp:
                 )
             body = await request.read()
             model = self.stage.model
-            # JSON work holds the GIL: off the event loop, which keeps the worlds' heartbeats.
-            req = await asyncio.to_thread(
-                decode_infer_request, body, request.headers, model.inputs, model.outputs
+            req = await self._decode.run(
+                len(body), decode_infer_request, body, request.headers, model.inputs, model.outputs
             )
             outputs, params = await front.serve(req)
-            payload, headers = await asyncio.to_thread(
-                encode_infer_response, self.name, MODEL_VERSION, req, outputs, params
+            size = sum(np.asarray(v).nbytes for v in outputs.values())
+            payload, headers = await self._encode.run(
+                size, encode_infer_response, self.name, MODEL_VERSION, req, outputs, params
             )
             content_type = headers.pop("Content-Type", "application/json")
             code = 200

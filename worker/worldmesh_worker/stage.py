@@ -34,6 +34,7 @@ from .config import WorkerConfig
 from .exits.stage import StageExits
 from .front import Front
 from .metrics import WorkerMetrics
+from .offload import Offload
 from .peers import DOWN, UP, Peers
 from .router import Router
 from .worlds import Message, MessageKind, World, WorldManager
@@ -100,6 +101,8 @@ class Stage:
             )
             self.exits.decide = self.front.ramp_answer  # the front decides on ramp answers
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        # A small model's batch is cheaper on the loop than handed to the compute thread.
+        self._offload = Offload(self._compute)
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -180,6 +183,8 @@ class Stage:
         kind = message.kind
         if kind is MessageKind.BATCH and role == UP:
             self._accept_rows(world, message)
+        elif kind is MessageKind.CANCEL and role == UP:
+            self._cancel_rows(world, message)
         elif kind in (MessageKind.RESULT, MessageKind.FAILED) and role == DOWN and self.router:
             self.router.on_message(world.name, message)
             self.metrics.in_flight.set(self.router.in_flight)
@@ -204,10 +209,31 @@ class Stage:
         self.queue.put(Item(message.tensors, rows))
         self.metrics.queue_depth.set(self.queue.rows)
 
+    def _cancel_rows(self, world: World, message: Message) -> None:
+        """The upstream no longer wants these ids (their client went away or timed out):
+        drop them from the queue, forget them, and cancel those already sent on."""
+        wanted = set(message.request_ids)
+        rows = [r for r, (w, up) in self.origins.items() if w == world.name and up in wanted]
+        for row in rows:
+            del self.origins[row]
+        self.queue.drop(set(rows))
+        self.metrics.queue_depth.set(self.queue.rows)
+        if self.router is not None:
+            self.router.cancel(rows)
+            self.metrics.in_flight.set(self.router.in_flight)
+        self.metrics.cancelled_rows.inc(len(rows))
+
+    def _wanted(self, rows: list[int]) -> list[int]:
+        """The indices of ``rows`` still wanted after their compute: those cancelled while
+        it ran are not sent on."""
+        if self.front is not None:
+            requests = self.front.requests
+            return [i for i, row in enumerate(rows) if row in requests]
+        return [i for i, row in enumerate(rows) if row in self.origins]
+
     # -- compute ---------------------------------------------------------------------
 
     async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             items = await self.queue.next_batch()
             self.metrics.queue_depth.set(self.queue.rows)
@@ -217,8 +243,8 @@ class Stage:
             answers: list[Any] = []  # my ramps' answers, when not the front
             try:
                 with self.metrics.compute_duration.time():
-                    outputs = await loop.run_in_executor(
-                        self._compute, self._forward, concat(items), self.exits.taps(rows, answers)
+                    outputs = await self._offload.run(
+                        len(rows), self._forward, concat(items), self.exits.taps(rows, answers)
                     )
             except Exception as exc:  # a model error fails these rows, never the worker
                 log.exception("stage %d compute failed", self.config.stage)
@@ -227,6 +253,13 @@ class Stage:
             finally:
                 self._computing -= 1
             self.exits.send_answers(rows, answers)
+            wanted = self._wanted(rows)
+            if not wanted:
+                continue
+            if len(wanted) < len(rows):
+                index = torch.tensor(wanted)
+                rows = [rows[i] for i in wanted]
+                outputs = tuple(t.index_select(0, index) for t in outputs)
             if self.router is None:
                 self._deliver(rows, outputs)
             else:

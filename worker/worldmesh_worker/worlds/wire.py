@@ -60,6 +60,7 @@ class MessageKind(enum.IntEnum):
     KEEPALIVE = 5  #: header only, sent when a direction is idle (see ``world``)
     CLOSE = 6  #: header only, the sender closes the world on purpose; its last message
     EXIT = 7  #: ramp answers travelling upstream: logits [ramps, ids, classes], meta "ramps"
+    CANCEL = 8  #: no tensors: the sender no longer wants these ids (their client went away)
 
 
 class MalformedMessage(ValueError):
