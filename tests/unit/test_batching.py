@@ -11,7 +11,11 @@ Covers:
 - items keep their arrival order across batches;
 - ``rows`` and ``len`` give the queue depth in rows and items;
 - ``concat`` then ``split`` gives back every item's tensors (one item: unchanged);
-- ``max_batch_size < 1`` is refused.
+- ``max_batch_size < 1`` is refused;
+- ``drop`` removes rows by id (an item's ``context`` is its row ids): an item loses just
+  those rows (its tensors keep the others, in order), an emptied item goes, the rest keep
+  their places and the depth follows; a batch that was filling when every row was dropped
+  waits for the next ``put`` instead of leaving empty.
 """
 
 from __future__ import annotations
@@ -194,3 +198,34 @@ def test_concat_and_split_of_one_item_are_identity() -> None:
 def test_max_batch_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         BatchQueue(0, 0.01)
+
+
+def rows_item(ids: list[int]) -> Item:
+    x = torch.tensor([[float(i), float(-i)] for i in ids])
+    return Item((x,), list(ids))
+
+
+async def test_drop_takes_out_exactly_the_given_rows() -> None:
+    queue = BatchQueue(16, LONG)
+    for ids in ([1, 2, 3], [4], [5, 6]):
+        queue.put(rows_item(ids))
+    assert queue.drop({2, 4, 99}) == 2
+    assert queue.rows == 4 and len(queue) == 2
+    assert queue.drop(set()) == 0
+    queue.max_queue_delay_s = 0.0
+    batch = await asyncio.wait_for(queue.next_batch(), GUARD)
+    assert tags(batch) == [[1, 3], [5, 6]]
+    assert batch[0].tensors[0].tolist() == [[1.0, -1.0], [3.0, -3.0]]
+
+
+async def test_a_filling_batch_whose_rows_are_all_dropped_waits_for_the_next_put() -> None:
+    queue = BatchQueue(4, 0.02)
+    queue.put(rows_item([1]))
+    task = asyncio.create_task(queue.next_batch())
+    await settle(task)
+    assert queue.drop({1}) == 1
+    await asyncio.sleep(0.1)  # past the dropped row's deadline: nothing to leave
+    assert not task.done()
+    queue.put(rows_item([2, 3, 4, 5]))
+    batch = await asyncio.wait_for(task, GUARD)
+    assert tags(batch) == [[2, 3, 4, 5]]
