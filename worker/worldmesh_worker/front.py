@@ -145,11 +145,19 @@ class Front:
         self.metrics.queue_depth.set(self.queue.rows)
         released = False
         try:
-            waiting = {request.future} if request.early is None else {request.future, request.early}
+            late = ServiceUnavailable(f"no answer within {timeout:g} s", retry_after=1.0)
+            if request.early is None:  # no ramps: one future, awaited without asyncio.wait
+                try:
+                    async with asyncio.timeout(timeout):
+                        outputs = await request.future
+                except TimeoutError:
+                    raise late from None
+                return self.model.postprocess(outputs), None
+            waiting = {request.future, request.early}
             done, _ = await asyncio.wait(waiting, timeout=timeout, return_when="FIRST_COMPLETED")
             if request.future in done:
                 outputs = request.future.result()
-            elif request.early is not None and request.early in done:
+            elif request.early in done:
                 released = True  # the rows run on: the final answer labels this exit
                 logits = torch.cat([request.ramp_logits[r] for r in rows])
                 # Counted here, as the client gets it: a final answer that arrived in the
@@ -158,7 +166,7 @@ class Front:
                 self.controller.on_release(request.exit)  # one early exit per request
                 return self.model.postprocess((logits,)), request.early.result()
             else:
-                raise ServiceUnavailable(f"no answer within {timeout:g} s", retry_after=1.0)
+                raise late
         finally:
             if not released:
                 pending = 0  # rows not yet back: their return would have made room
