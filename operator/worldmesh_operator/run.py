@@ -59,11 +59,13 @@ class LocalDeployment:
         targets_path: Path | None = None,
         scrape_interval_s: float = 1.0,
         port: int | None = None,
+        grpc_port: int | None = None,
     ) -> None:
         """``prometheus``: read the autoscaler's signals there (it should scrape
         ``targets_path``, every ``scrape_interval_s``) rather than from the workers.
         ``port``: serve one stable endpoint there (0: any free port) in front of whatever
-        front workers run (``runtime/front.py``); None: the first front worker's own."""
+        front workers run (``runtime/front.py``); None: the first front worker's own.
+        ``grpc_port``: with ``port``, its gRPC side there too (0: any free port)."""
         self.manifest = manifest
         spec = read_manifest(manifest)
         self._mtime = manifest.stat().st_mtime
@@ -89,7 +91,7 @@ class LocalDeployment:
         self.deleted = False
         self.errors: list[str] = []
         self.board = StatusBoard(out)
-        self.front = FrontService(port=port) if port is not None else None
+        self.front = FrontService(port=port, grpc_port=grpc_port) if port is not None else None
 
     @property
     def spec(self) -> DeploymentSpec:
@@ -136,7 +138,7 @@ class LocalDeployment:
             self.board.event(action)
         self.errors = step.errors
         if self.front is not None:  # after apply: a worker told to drain is left out now
-            self.front.set_backends(self.runtime.front_urls())
+            self.front.set_backends(self.runtime.fronts())
         return step
 
     async def run(self) -> None:
@@ -200,6 +202,12 @@ async def main(argv: list[str]) -> int:
         help="serve the deployment's one endpoint on this port, whatever front workers come "
         "and go (default: the manifest's spec.port, 8080 unless set; 0: any free port)",
     )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        help="serve its gRPC side on this port (default: the manifest's spec.grpcPort, 8001 "
+        "unless set; 0: any free port)",
+    )
     args = parser.parse_args(argv)
     if args.prometheus and not args.prometheus.startswith(("http://", "https://")):
         parser.error(f"--prometheus must be an http:// or https:// URL, got {args.prometheus!r}")
@@ -213,10 +221,13 @@ async def main(argv: list[str]) -> int:
             targets_path=targets,
             scrape_interval_s=args.scrape_interval,
             port=0 if args.port is None else args.port,
+            grpc_port=0 if args.grpc_port is None else args.grpc_port,
         )
         assert deployment.front is not None
-        if args.port is None:  # the port the front Service has on Kubernetes
+        if args.port is None:  # the ports the front Service has on Kubernetes
             deployment.front.port = deployment.spec.ports.http
+        if args.grpc_port is None:
+            deployment.front.grpc_port = deployment.spec.ports.grpc
     except (OSError, yaml.YAMLError) as exc:
         print(f"worldmesh run: cannot read {args.manifest}: {exc}", file=sys.stderr)
         return 2
@@ -242,11 +253,11 @@ async def main(argv: list[str]) -> int:
     try:
         deployment.front.start()
     except OSError as exc:
-        print(f"worldmesh run: {exc} (choose another with --port)", file=sys.stderr)
+        print(f"worldmesh run: {exc} (choose another with --port or --grpc-port)", file=sys.stderr)
         return 2
     print(
         f"worldmesh run: endpoint {deployment.front.url}/v2/models/{deployment.spec.name}/infer"
-        " (it stays while front workers come and go)",
+        f", gRPC {deployment.front.grpc_target} (they stay while front workers come and go)",
         flush=True,
     )
     try:

@@ -12,9 +12,9 @@ Covers:
   the control loop waits for its status is not judged dead nor replaced, and no request
   fails (its process runs; a stopped one is replaced, above);
 - SIGINT to ``worldmesh run`` drains and stops everything and leaves no worker process;
-- one endpoint (the front service) under load while a front worker is killed and replaced
-  and the front stage is scaled down (its removed worker drained): the URL never changes
-  and no request fails.
+- one endpoint (the front service) under REST and gRPC load while a front worker is
+  killed and replaced and the front stage is scaled down (its removed worker drained): the
+  URL and the gRPC target never change, no request fails, and every gRPC answer is exact.
 """
 
 from __future__ import annotations
@@ -27,12 +27,16 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import numpy as np
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
 import yaml
 
 from worldmesh_operator.reconciler import WorkerState
 from worldmesh_operator.run import LocalDeployment
 from worldmesh_worker.control import wait_until
 from worldmesh_worker.loadgen import ClosedLoop, toy_request
+from worldmesh_worker.models.toy import reference
 
 MANIFEST = {
     "apiVersion": "worldmesh.io/v1alpha1",
@@ -58,12 +62,19 @@ def write(path: Path, b_min: int, b_max: int = 3, a_min: int = 1) -> None:
 
 
 class Running:
-    def __init__(self, tmp_path: Path, port: int | None = None, a_min: int = 1) -> None:
+    def __init__(
+        self, tmp_path: Path, port: int | None = None, a_min: int = 1, grpc_port: int | None = None
+    ) -> None:
         self.manifest = tmp_path / "toy.yaml"
         write(self.manifest, 2, a_min=a_min)
         self.lines: list[str] = []
         self.deployment = LocalDeployment(
-            self.manifest, tmp_path / "run", env=SLOW, out=self.lines.append, port=port
+            self.manifest,
+            tmp_path / "run",
+            env=SLOW,
+            out=self.lines.append,
+            port=port,
+            grpc_port=grpc_port,
         )
 
     async def __aenter__(self) -> LocalDeployment:
@@ -134,14 +145,55 @@ async def test_frozen_worker_is_killed_and_replaced_once(tmp_path):
         assert max(load.result.latencies) <= 1.0, sorted(load.result.latencies)[-5:]
 
 
+class GrpcLoad:
+    """Closed-loop gRPC clients (tritonclient's aio client) that check every answer."""
+
+    def __init__(self, target: str, model: str, concurrency: int) -> None:
+        self.client = triton_aio.InferenceServerClient(target)
+        self.model, self.concurrency = model, concurrency
+        self.ok = 0
+        self.failures: list[str] = []
+
+    async def _loop(self, k: int) -> None:
+        x = (np.arange(16, dtype=np.float32).reshape(1, 16) * (k + 1) % 7) - 3
+        want = reference(x).astype(np.float32)
+        while True:
+            given = triton.InferInput("x", [1, 16], "FP32")
+            given.set_data_from_numpy(x)
+            try:
+                answer = await self.client.infer(self.model, [given], client_timeout=30)
+            except Exception as exc:  # every failure is reported
+                self.failures.append(f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            if np.array_equal(answer.as_numpy("y"), want):
+                self.ok += 1
+            else:
+                self.failures.append(f"wrong answer {answer.as_numpy('y')}")
+
+    async def __aenter__(self) -> GrpcLoad:
+        self.tasks = [asyncio.create_task(self._loop(k)) for k in range(self.concurrency)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.client.close()
+
+
 async def test_one_endpoint_while_front_workers_come_and_go(tmp_path):
-    running = Running(tmp_path, port=0, a_min=2)
+    running = Running(tmp_path, port=0, a_min=2, grpc_port=0)
     async with running as deployment:
         url = deployment.runtime.endpoint
         assert url is not None and url.startswith(deployment.front.url)  # type: ignore[union-attr]
+        target = deployment.front.grpc_target  # type: ignore[union-attr]
+        assert target is not None
         first = ready_ids(deployment, 0)
         assert len(first) == 2
-        async with ClosedLoop(url, toy_request, 6) as load:
+        async with (
+            ClosedLoop(url, toy_request, 6) as load,
+            GrpcLoad(target, deployment.spec.name, 2) as grpc_load,
+        ):
             await load.answered(20)
             deployment.runtime.workers[sorted(first)[0]].process.kill()
             await wait_until(
@@ -159,7 +211,11 @@ async def test_one_endpoint_while_front_workers_come_and_go(tmp_path):
                 "the front stage scaled down",
             )
             await load.answered(30)
+            before = grpc_load.ok
+            await wait_until(lambda: grpc_load.ok > before + 10, 30, "gRPC answers after it all")
         assert deployment.runtime.endpoint == url
+        assert deployment.front.grpc_target == target  # type: ignore[union-attr]
+        assert grpc_load.failures == [], grpc_load.failures[:5]
         assert load.result.lost == 0, load.result.messages[:5]
         drained = now - ready_ids(deployment, 0)
         assert any(f"DrainWorker {w}" in line for w in drained for line in running.lines)

@@ -40,6 +40,7 @@ from worldmesh_worker.local import WorkerProcess
 from ..desired import config_digest, layout_of
 from ..reconciler import Observed, ObservedWorker, WorkerState
 from .base import Target, WorkerRuntime, merge_worlds
+from .front import Backend
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class LocalRuntime(WorkerRuntime):
     def endpoint(self) -> str | None:
         """The inference URL: the stable front service's (``service_url``, when one runs)
         once a front worker takes requests, else the first ready front worker's own."""
-        fronts = self.front_urls()
+        fronts = self.fronts()
         if self.service_url is not None:
             base: str | None = self.service_url if fronts else None
         else:
@@ -126,11 +127,11 @@ class LocalRuntime(WorkerRuntime):
             )
         return f"{base}/v2/models/{self.deployment}/infer" if base else None
 
-    def front_urls(self) -> list[str]:
+    def fronts(self) -> list[Backend]:
         """The front workers that take requests: answering, wired to a live worker of the
         next stage (``accepting``), not draining, dying or dead."""
         return [
-            f"http://{self.host}:{w.handle.http_port}"
+            Backend(f"http://{self.host}:{w.handle.http_port}", f"{self.host}:{w.handle.grpc_port}")
             for w in sorted(self.workers.values(), key=lambda w: w.created)
             if w.stage == 0
             and w.handle is not None
