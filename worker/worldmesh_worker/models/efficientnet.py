@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from worldmesh_worker.data import FASHION_MNIST_CLASSES, fashion_mnist
 from worldmesh_worker.models.base import (
@@ -156,10 +157,12 @@ def build(cache: str | os.PathLike[str] | None = None) -> EfficientNetLite0:
     return EfficientNetLite0(head)
 
 
-def _features(model: EfficientNetLite0, images: np.ndarray, chunk: int = 32) -> torch.Tensor:
+def _features(
+    model: EfficientNetLite0, images: np.ndarray, desc: str, chunk: int = 32
+) -> torch.Tensor:
     out = []
     with torch.inference_mode():
-        for i in range(0, len(images), chunk):
+        for i in tqdm(range(0, len(images), chunk), desc=desc, unit="batch", leave=False):
             out.append(model.features(images_to_tensor(images[i : i + chunk])))
     return torch.cat(out)
 
@@ -174,10 +177,12 @@ def prepare_head(cache: str | os.PathLike[str] | None = None) -> HeadInfo:
     te = rng.permutation(len(test_x))[:TEST_ROWS]
     model = EfficientNetLite0(nn.Linear(FEATURES, len(FASHION_MNIST_CLASSES)))
     head, l2 = _train(
-        _features(model, train_x[tr]), torch.from_numpy(train_y[tr]), len(FASHION_MNIST_CLASSES)
+        _features(model, train_x[tr], f"{NAME} train rows"),
+        torch.from_numpy(train_y[tr]),
+        len(FASHION_MNIST_CLASSES),
     )
     with torch.inference_mode():
-        pred = head(_features(model, test_x[te])).argmax(1).numpy()
+        pred = head(_features(model, test_x[te], f"{NAME} test rows")).argmax(1).numpy()
     return record_head(
         NAME, RECIPE, FASHION_MNIST_CLASSES, head, l2, len(tr), pred, test_y[te], start, cache
     )

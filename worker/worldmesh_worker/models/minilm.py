@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from worldmesh_worker.data import ROTTEN_TOMATOES_CLASSES, rotten_tomatoes
 from worldmesh_worker.models.base import (
@@ -203,9 +204,10 @@ def build(cache: str | os.PathLike[str] | None = None) -> MiniLML6:
     return MiniLML6(head)
 
 
-def _embeddings(model: MiniLML6, texts: list[str], chunk: int = 128) -> torch.Tensor:
+def _embeddings(model: MiniLML6, texts: list[str], desc: str, chunk: int = 128) -> torch.Tensor:
+    steps = tqdm(range(0, len(texts), chunk), desc=desc, unit="batch", leave=False)
     with torch.inference_mode():
-        return torch.cat([model.embed(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])
+        return torch.cat([model.embed(texts[i : i + chunk]) for i in steps])
 
 
 def prepare_head(cache: str | os.PathLike[str] | None = None) -> HeadInfo:
@@ -219,10 +221,16 @@ def prepare_head(cache: str | os.PathLike[str] | None = None) -> HeadInfo:
     model = MiniLML6(nn.Linear(HIDDEN, len(ROTTEN_TOMATOES_CLASSES)))
     n_classes = len(ROTTEN_TOMATOES_CLASSES)
     head, l2 = _train(
-        _embeddings(model, [train_texts[i] for i in tr]), torch.from_numpy(train_y[tr]), n_classes
+        _embeddings(model, [train_texts[i] for i in tr], f"{NAME} train rows"),
+        torch.from_numpy(train_y[tr]),
+        n_classes,
     )
     with torch.inference_mode():
-        pred = head(_embeddings(model, [test_texts[i] for i in te])).argmax(1).numpy()
+        pred = (
+            head(_embeddings(model, [test_texts[i] for i in te], f"{NAME} test rows"))
+            .argmax(1)
+            .numpy()
+        )
     return record_head(
         NAME, RECIPE, ROTTEN_TOMATOES_CLASSES, head, l2, len(tr), pred, test_y[te], start, cache
     )
