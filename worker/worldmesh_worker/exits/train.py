@@ -70,7 +70,7 @@ def samples(model: Any, split: str, rows: int) -> list[Any]:
         images, _ = fashion_mnist(split)  # type: ignore[arg-type]
         pick = rng.permutation(len(images))[:rows]
         return [images[i] for i in pick]
-    if model.name == "minilm-l6":
+    if model.name in ("minilm-l6", "mpnet-base"):
         from worldmesh_worker.data import rotten_tomatoes
 
         texts, _ = rotten_tomatoes(split)  # type: ignore[arg-type]

@@ -1,9 +1,9 @@
 """Real and toy models split into pipeline stages (see ``base`` for the contract).
 
-Built-in models: ``efficientnet-lite0`` (Fashion-MNIST), ``minilm-l6`` (Rotten
-Tomatoes sentiment), ``toy`` and ``toy-slow`` (deterministic MLP for tests).
-The real models need their trained heads cached first:
-``python -m worldmesh_worker.models prepare efficientnet-lite0 minilm-l6``.
+Built-in models: ``efficientnet-lite0`` (Fashion-MNIST), ``minilm-l6`` and
+``mpnet-base`` (Rotten Tomatoes sentiment, 6 and 12 layers), ``toy`` and ``toy-slow``
+(deterministic MLP for tests). The real models need their trained heads cached first:
+``python -m worldmesh_worker.models prepare efficientnet-lite0 minilm-l6 mpnet-base``.
 """
 
 from worldmesh_worker.models.base import PipelineModel, Stage, validate_split

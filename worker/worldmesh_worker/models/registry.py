@@ -31,7 +31,7 @@ from worldmesh_worker.settings import WorkerSettings
 Cache = str | os.PathLike[str] | None
 
 #: Models with a trained head (``prepare`` builds them).
-PREPARED_MODELS = ("efficientnet-lite0", "minilm-l6")
+PREPARED_MODELS = ("efficientnet-lite0", "minilm-l6", "mpnet-base")
 #: Every built-in name ``load_model`` accepts.
 MODEL_NAMES = (*PREPARED_MODELS, "toy", "toy-slow")
 
@@ -109,6 +109,10 @@ def _head_module(name: str) -> ModuleType:
         from worldmesh_worker.models import efficientnet
 
         return efficientnet
+    if name == "mpnet-base":
+        from worldmesh_worker.models import mpnet
+
+        return mpnet
     from worldmesh_worker.models import minilm
 
     return minilm
