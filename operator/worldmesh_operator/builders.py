@@ -360,10 +360,10 @@ def build_status(
 
 
 def build_early_exit_status(fronts: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``status.earlyExits`` from the front workers' control statuses: per front worker (each
-    tunes its own thresholds on the requests it answers), every ramp's state, threshold,
-    exit rate and recent agreement with the full model. Rounded, so that a status patch
-    follows a real change; a value not known yet is left out."""
+    """``status.earlyExits`` from the front workers' control statuses: per front worker (one
+    leads and tunes, the others follow it: ``leader``), every ramp's state, threshold, exit
+    rate and recent agreement with the full model. Rounded, so that a status patch follows
+    a real change; a value not known yet is left out."""
 
     def ramp(r: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"ramp": int(r["ramp"]), "active": bool(r["active"])}
@@ -372,17 +372,18 @@ def build_early_exit_status(fronts: dict[str, dict[str, Any]]) -> dict[str, Any]
                 out[key] = round(float(r[key]), 4)
         return out
 
-    return {
-        "workers": [
-            {
-                "worker": name,
-                "policy": str(state.get("policy", "")),
-                "labelled": int(state.get("labelled", 0)),
-                "ramps": [ramp(r) for r in state["ramps"]],
-            }
-            for name, state in sorted(fronts.items())
-        ]
-    }
+    def worker(name: str, state: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "worker": name,
+            "policy": str(state.get("policy", "")),
+            "labelled": int(state.get("labelled", 0)),
+            "ramps": [ramp(r) for r in state["ramps"]],
+        }
+        if state.get("leader"):
+            out["leader"] = str(state["leader"])
+        return out
+
+    return {"workers": [worker(name, state) for name, state in sorted(fronts.items())]}
 
 
 def build_invalid_status(

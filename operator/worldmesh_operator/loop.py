@@ -20,6 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+
+from worldmesh_worker.control import ControlError
+
+from . import ramp_leader
 from .desired import Desired, desired_of
 from .metrics import ControlMetrics
 from .metrics_source import MetricsSource
@@ -125,6 +130,25 @@ class ControlLoop:
             state.wishes[decision.stage] = decision.workers
         return scaled
 
+    async def share_ramps(self, observed: Observed) -> list[str]:
+        """One ramp state for the deployment (``ramp_leader``): the oldest ready front
+        worker tunes, every other follows it. One message per worker that did not take it."""
+        ready = {
+            w.id: w.created
+            for w in observed.workers
+            if w.stage == 0 and w.state is WorkerState.READY
+        }
+        errors = []
+        for worker, body in ramp_leader.plan(ready, self.runtime.early_exits).items():
+            control = self.runtime.reachable(worker)
+            if control is None:
+                continue
+            try:
+                await control.call("PUT", "/v1/ramps", body, timeout=5.0)
+            except (ControlError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                errors.append(f"sharing the ramp state with {worker} failed: {exc}")
+        return errors
+
     async def step(self, deleted: bool = False) -> Step:
         """Scale, observe, plan, apply; ``deleted``: drain and stop everything instead."""
         scaled = [] if deleted else await self.autoscale(self.clock())
@@ -133,6 +157,7 @@ class ControlLoop:
         failures = list(self.runtime.failures)
         actions, summary = reconcile(desired, observed, self.new_id)
         errors = await self.runtime.apply(actions)
+        errors += await self.share_ramps(observed)
         for stage in summary["stages"]:
             bounds = self.spec.stages[stage["stage"]]
             self.metrics.stage(

@@ -12,17 +12,26 @@ Covers:
   its answers back to the front (EXIT messages), every ramp is labelled, the front exports
   the ramp metrics and ``GET /v1/ramps`` shows their state, and the second stage comes to
   run the front's active set (a CONTROL message: waited for); the pipeline then drains;
-- a worker refuses a ramps file made for another model, naming ``earlyExits.rampsFile``.
+- a worker refuses a ramps file made for another model, naming ``earlyExits.rampsFile``;
+- two front workers under load (``worldmesh run``'s runtime and its front service) keep one
+  ramp state: the oldest leads, the other follows its thresholds and active set (within a
+  control-loop step), the later stage's active set changes no more often than the
+  leader's, and the answers over both fronts together stay within the accuracy budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
+import yaml
 
+from worldmesh_operator.reconciler import WorkerState
+from worldmesh_operator.run import LocalDeployment
 from worldmesh_worker.control import wait_until
 from worldmesh_worker.exits.ramps import save_ramps
 from worldmesh_worker.exits.train import train
@@ -141,3 +150,117 @@ async def test_a_worker_refuses_a_ramps_file_of_another_model(ramps):
     message = str(caught.value)
     assert "earlyExits.rampsFile:" in message
     assert "ramps for model 'toy' with 4 blocks do not match model 'toy-slow'" in message
+
+
+BUDGET = 0.05
+
+
+async def test_two_front_workers_keep_one_ramp_state(ramps, tmp_path):
+    manifest = tmp_path / "exits.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "worldmesh.io/v1alpha1",
+                "kind": "ModelDeployment",
+                "metadata": {"name": "twofronts"},
+                "spec": {
+                    "model": {"name": "toy", "splitPoints": [2]},
+                    "stages": [
+                        {"name": "a", "replicas": {"min": 2, "max": 2}},
+                        {"name": "b", "replicas": {"min": 1, "max": 1}},
+                    ],
+                    "earlyExits": {
+                        "enabled": True,
+                        "rampsFile": str(ramps["toy"]),
+                        "accuracyBudget": BUDGET,
+                    },
+                },
+            }
+        )
+    )
+    deployment = LocalDeployment(manifest, tmp_path / "run", port=0)
+    task = asyncio.create_task(deployment.run())
+    try:
+        await wait_until(deployment.ready, 60, "deployment ready")
+        fronts = sorted(
+            (
+                w
+                for w in deployment.observed.workers
+                if w.stage == 0 and w.state is WorkerState.READY
+            ),
+            key=lambda w: w.created,
+        )
+        leader, follower = (deployment.runtime.workers[w.id] for w in fronts)
+        (last,) = [w for w in deployment.runtime.workers.values() if w.stage == 1]
+        url = deployment.runtime.endpoint
+        assert url is not None
+
+        seen: dict[str, list] = {"leader": [], "follower": [], "stage 1": []}
+        answers: list[bool] = []  # each answer's label is the full model's
+
+        async def sample() -> None:
+            while True:
+                for key, worker in (("leader", leader), ("follower", follower)):
+                    state = await worker.handle.control.call("GET", "/v1/ramps")
+                    seen[key].append(
+                        (
+                            state["leader"],
+                            tuple(r["threshold"] for r in state["ramps"]),
+                            tuple(r["ramp"] for r in state["ramps"] if r["active"]),
+                        )
+                    )
+                state = await last.handle.control.call("GET", "/v1/ramps")
+                seen["stage 1"].append(tuple(sorted(state["active"])))
+                await asyncio.sleep(0.05)
+
+        async def client(k: int, session: aiohttp.ClientSession, n: int) -> None:
+            rng = np.random.default_rng(k)
+            for _ in range(n):
+                x = rng.integers(-10, 11, (1, 16)).astype(np.float32)
+                body = {
+                    "inputs": [
+                        {
+                            "name": "x",
+                            "datatype": "FP32",
+                            "shape": [1, 16],
+                            "data": x.ravel().tolist(),
+                        }
+                    ]
+                }
+                async with session.post(url, json=body) as response:
+                    assert response.status == 200, await response.text()
+                    answer = await response.json()
+                label = next(o for o in answer["outputs"] if o["name"] == "label")["data"][0]
+                answers.append(label == int(toy.reference(x).argmax()))
+
+        sampler = asyncio.create_task(sample())
+        try:
+            async with aiohttp.ClientSession() as session:
+                await asyncio.gather(*(client(k, session, 250) for k in range(8)))
+            # the follower catches up within a control-loop step of the leader's last change
+
+            async def agreed() -> bool:
+                return seen["follower"][-1][1:] == seen["leader"][-1][1:]
+
+            await wait_until(agreed, 10, "the follower applies the leader's state")
+        finally:
+            sampler.cancel()
+    finally:
+        deployment.delete()
+        await asyncio.wait_for(task, 60)
+
+    lead_states = seen["leader"]
+    assert all(s[0] is None for s in lead_states), "the oldest front worker leads"
+    assert seen["follower"][-1][0] == leader.id
+    tuned = {s[1] for s in lead_states}
+    assert len(tuned) > 1, "the leader never tuned: the test shows nothing"
+
+    def changes(states: list) -> int:
+        return sum(a != b for a, b in itertools.pairwise(states))
+
+    # one state: the later stage runs the leader's set, changing as often as it does
+    leader_sets = [s[2] for s in lead_states]
+    assert changes(seen["stage 1"]) <= changes(leader_sets) + 1, (seen["stage 1"], leader_sets)
+    assert changes([s[2] for s in seen["follower"]]) <= changes(leader_sets) + 1
+    loss = 1 - sum(answers) / len(answers)
+    assert loss <= BUDGET, f"{loss:.3f} of {len(answers)} answers disagree with the full model"

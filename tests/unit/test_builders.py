@@ -222,6 +222,7 @@ def test_early_exit_status_is_what_the_crd_keeps() -> None:
     fronts = {
         "md-s0-b": {
             "policy": "online",
+            "leader": "md-s0-a",
             "labelled": 120,
             "ramps": [
                 {
@@ -234,10 +235,11 @@ def test_early_exit_status_is_what_the_crd_keeps() -> None:
                 {"ramp": 2, "active": False, "threshold": 0.0, "exitRate": 0.0, "agreement": None},
             ],
         },
-        "md-s0-a": {"policy": "online", "labelled": 0, "ramps": []},
+        "md-s0-a": {"policy": "online", "leader": None, "labelled": 0, "ramps": []},
     }
     status = builders.build_early_exit_status(fronts)
     assert [w["worker"] for w in status["workers"]] == ["md-s0-a", "md-s0-b"]
+    assert "leader" not in status["workers"][0] and status["workers"][1]["leader"] == "md-s0-a"
     assert status["workers"][1]["ramps"] == [
         {"ramp": 0, "active": True, "threshold": 0.1235, "exitRate": 0.25, "agreement": 1.0},
         {"ramp": 2, "active": False, "threshold": 0.0, "exitRate": 0.0},

@@ -373,6 +373,50 @@ def test_a_tune_off_the_loop_decides_as_one_inline_and_the_rows_never_wait(
     assert deferred.decisions == 1 and not deferred._tuning
 
 
+def test_a_follower_applies_the_leaders_state_and_tunes_nothing_until_it_leads(
+    toy_ramps: Path,
+) -> None:
+    rng = np.random.default_rng(12)
+    stream = record(toy_ramps, rng.integers(-10, 11, (600, 16)))
+    told: list[list[int]] = []
+    metrics = WorkerMetrics(CollectorRegistry(), "d", 0, "w")
+    clock = Clock()
+    queued: list[tuple] = []
+    follower = ExitController(
+        [0, 1, 2],
+        dict.fromkeys([0, 1, 2], 0.0),
+        metrics,
+        clock=clock,
+        on_active=told.append,
+        offload=lambda work, then: queued.append((work, then)),
+    )
+    replay(follower, clock, *(part[:32] for part in stream))  # a tune starts off the loop
+    assert len(queued) == 1
+    follower.follow("front-a", {0: 0.1, 1: 0.0, 2: 0.05}, [0, 2])
+    assert follower.status()["leader"] == "front-a"
+    assert [follower.threshold(s) for s in (0, 1, 2)] == [0.1, 0.0, 0.05]
+    assert follower.active == {0, 2} and told == [[0, 2]]  # the later stages are told
+    work, then = queued.pop()
+    then(work())  # the tune it started before following is not adopted
+    assert [follower.threshold(s) for s in (0, 1, 2)] == [0.1, 0.0, 0.05]
+    labelled, decisions = follower.labelled, follower.decisions
+    replay(follower, clock, *(part[32:300] for part in stream))
+    assert follower.labelled > labelled and follower.decisions == decisions and not queued
+    for bad, words in [
+        ({0: 0.1, 1: 0.0}, "names ramps"),
+        ({0: 0.1, 1: 0.0, 2: 1.5}, "not within"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            follower.follow("front-b", bad, [0])
+    with pytest.raises(ValueError, match="not ramps here"):
+        follower.follow("front-b", {0: 0.1, 1: 0.0, 2: 0.0}, [7])
+    assert follower.leader == "front-a" and follower.active == {0, 2}  # nothing changed
+    follower.lead()
+    replay(follower, clock, *(part[300:] for part in stream))
+    assert queued  # it tunes again, on the rows it labelled while following
+    assert follower.status()["leader"] is None
+
+
 def test_the_shift_test_is_a_binomial_tail() -> None:
     assert _tail(0, 64, 0.01) == 1.0  # no disagreement is never surprising
     # P(X >= 2) for X ~ Binomial(64, 0.01) = 1 - 0.99**64 - 64 * 0.01 * 0.99**63

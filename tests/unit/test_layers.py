@@ -23,7 +23,7 @@ OPERATOR_LAYERS: list[tuple[str, set[str]]] = [
     ("spec", {"__init__", "schema", "spec", "settings"}),
     # builders: the Kubernetes objects of the desired state (no I/O); scaling: the policy
     # that decides the desired worker counts (pure).
-    ("desired state", {"desired", "builders", "scaling"}),
+    ("desired state", {"desired", "builders", "scaling", "ramp_leader"}),
     ("reconciler", {"reconciler"}),
     (
         "runtimes",

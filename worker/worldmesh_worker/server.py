@@ -8,7 +8,8 @@ protocol says (a model not served here is not ready: 400, with ``{"error": ...}`
 
 Control port (bearer token, compared in constant time; 401 without it):
 ``GET /v1/status``, ``GET /v1/worlds``, ``POST /v1/worlds`` (open), ``DELETE /v1/worlds/{name}``,
-``POST /v1/drain[?wait=S]``, ``GET /v1/drain`` and ``GET /v1/ramps`` (early exits: each
+``POST /v1/drain[?wait=S]``, ``GET /v1/drain``, ``PUT /v1/ramps`` (follow the deployment's
+leading front worker's ramp state, or lead) and ``GET /v1/ramps`` (early exits: each
 ramp's state, threshold, exit rate and agreement at the front; the active set elsewhere).
 
 With early exits on, an answer carries ``parameters.exit`` (the block index of the ramp
@@ -200,6 +201,7 @@ class ControlApp:
         r.add_post("/v1/drain", self.drain)
         r.add_get("/v1/drain", self.drain_state)
         r.add_get("/v1/ramps", self.ramps)
+        r.add_put("/v1/ramps", self.follow_ramps)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -213,6 +215,46 @@ class ControlApp:
 
     async def ramps(self, request: web.Request) -> web.Response:
         return web.json_response(self.stage.exits.status())
+
+    async def follow_ramps(self, request: web.Request) -> web.Response:
+        """The deployment's one ramp state: ``{"leader": WORKER, "ramps": [{"ramp", "threshold",
+        "active"}, ...]}`` follows that front worker's; ``{"leader": null}`` tunes here."""
+        controller = self.stage.exits.controller
+        if controller is None:
+            raise ModelNotFound("this worker tunes no ramps (not a front worker, or exits off)")
+        body = await _json_object(request)
+        unknown = set(body) - {"leader", "ramps"}
+        if unknown:
+            raise InvalidInput(f"{sorted(unknown)[0]}: unknown field")
+        leader = body.get("leader")
+        if leader is None:
+            controller.lead()
+            return web.json_response(controller.status())
+        if not isinstance(leader, str) or not leader:
+            raise InvalidInput("leader: must be a worker's name, or null")
+        ramps = body.get("ramps")
+        if not isinstance(ramps, list):
+            raise InvalidInput("ramps: required, a list of {ramp, threshold, active}")
+        thresholds: dict[int, float] = {}
+        active = []
+        for i, ramp in enumerate(ramps):
+            if not isinstance(ramp, dict) or set(ramp) != {"ramp", "threshold", "active"}:
+                raise InvalidInput(f"ramps[{i}]: must be an object of ramp, threshold, active")
+            site, threshold, on = ramp["ramp"], ramp["threshold"], ramp["active"]
+            if type(site) is not int or site in thresholds:
+                raise InvalidInput(f"ramps[{i}].ramp: {site!r} is not a new block index")
+            if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+                raise InvalidInput(f"ramps[{i}].threshold: must be a number")
+            if not isinstance(on, bool):
+                raise InvalidInput(f"ramps[{i}].active: must be a boolean")
+            thresholds[site] = float(threshold)
+            if on:
+                active.append(site)
+        try:
+            controller.follow(leader, thresholds, active)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        return web.json_response(controller.status())
 
     async def worlds(self, request: web.Request) -> web.Response:
         return web.json_response({"worlds": self.stage.status()["worlds"]})

@@ -50,6 +50,9 @@ Target = tuple[str, int, str]  #: (worker, stage, base URL of its /metrics)
 class Runtime(Protocol):
     #: Why workers of the last observation are DEAD, one message each (Events, status).
     failures: list[str]
+    #: The front workers' early-exit states in the last observation (their ``/v1/status``
+    #: ``earlyExits``, those that tune ramps): the ramp leader's and its followers'.
+    early_exits: dict[str, dict[str, Any]]
 
     async def observe(self) -> Observed:
         """The workers and worlds as they are now (a worker that does not answer is DEAD)."""
@@ -57,6 +60,10 @@ class Runtime(Protocol):
 
     async def apply(self, actions: Sequence[Action]) -> list[str]:
         """Carry out ``actions``; return one message per action that failed."""
+        ...
+
+    def reachable(self, worker_id: str) -> ControlClient | None:
+        """The control API of a worker that may still answer, else None."""
         ...
 
     def targets(self) -> list[Target]:
@@ -69,6 +76,7 @@ class WorkerRuntime(ABC):
         self.answer_timeout_s = answer_timeout_s
         self.busy_limit_s = busy_limit_s
         self.failures: list[str] = []
+        self.early_exits: dict[str, dict[str, Any]] = {}
         self._silent: dict[str, float] = {}  #: since when a worker that served is silent
         self._opening: set[tuple[str, str]] = set()  #: worlds whose open runs as a task
         self._late_errors: list[str] = []  #: of those opens, for the next apply()

@@ -79,7 +79,6 @@ class KubernetesRuntime(WorkerRuntime):
         self.token: str | None = None
         self.pods: dict[str, dict[str, Any]] = {}  # the last observation, by worker id
         #: The front workers' early-exit state (``earlyExits`` of their control status).
-        self.early_exits: dict[str, dict[str, Any]] = {}
         self._answered: set[str] = set()
         self._dead: set[str] = set()  #: workers the last observe() found dead
         self._refused: set[str] = set()  #: workers whose control port refused the last call

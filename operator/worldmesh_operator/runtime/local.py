@@ -173,6 +173,11 @@ class LocalRuntime(WorkerRuntime):
             for worker, (state, _) in zip(workers, seen, strict=True)
             if state is WorkerState.DEAD
         ]
+        self.early_exits = {
+            worker.id: status["earlyExits"]
+            for worker, (_, status) in zip(workers, seen, strict=True)
+            if status and worker.stage == 0 and "ramps" in (status.get("earlyExits") or {})
+        }
         return Observed(tuple(observed_workers), merge_worlds([status for _, status in seen]))
 
     async def _observe(self, worker: _Worker) -> tuple[WorkerState, dict[str, Any] | None]:

@@ -62,6 +62,10 @@ messages) and every final answer, so all online state lives here:
   ramps), and the thresholds are tuned again on the new set before they are exported (a
   ramp switched off no longer catches rows that a later ramp, tuned with it on, would
   release wrongly). Policy ``fixed`` keeps the starting thresholds and every ramp on.
+- One ramp state per deployment: with several front workers, the control loop names one
+  the leader (``lead``) and has every other ``follow`` it: a follower releases rows by the
+  leader's thresholds and asks the later stages for the leader's active set, and does not
+  tune; it still labels its rows, so that its window is ready should it come to lead.
 - Metrics (exits, thresholds, active, agreement) and ``status()`` for the control API.
 """
 
@@ -166,6 +170,7 @@ class ExitController:
         self.offload = offload
         self._tuning = False  # a tune runs off the loop: the next one waits for it
         self._tune_again = False
+        self.leader: str | None = None  # the front worker whose ramp state this one follows
         self._export()
 
     def threshold(self, site: int) -> float:
@@ -233,7 +238,7 @@ class ExitController:
         self.window.append((errs, agree))
         self.labelled += 1
         if self.labelled % self.every == 0:
-            if self.policy == "online":
+            if self.policy == "online" and self.leader is None:
                 self._retune_due()
             else:
                 self._export()
@@ -274,9 +279,10 @@ class ExitController:
         return trial
 
     def _adopt(self, tuned: ExitController | None, labelled: int) -> None:
-        """Take a tune's decision (on the loop); None: it failed, nothing changes."""
+        """Take a tune's decision (on the loop); None: it failed, nothing changes (nor
+        while following another front worker, which decides for this one now)."""
         self._tuning = False
-        if tuned is not None:
+        if tuned is not None and self.leader is None:
             if tuned.cuts > self.cuts:  # a shift: keep its recent rows and the newer ones
                 keep = len(tuned.window) + (self.labelled - labelled)
                 while len(self.window) > keep:
@@ -290,6 +296,34 @@ class ExitController:
         if self._tune_again:
             self._tune_again = False
             self._retune_due()
+
+    # -- one ramp state per deployment -----------------------------------------------------
+
+    def follow(self, leader: str, thresholds: dict[int, float], active: Sequence[int]) -> None:
+        """Apply the ramp state front worker ``leader`` tuned: every ramp's threshold, and
+        the active set (told to the later stages when it changes here). ``ValueError``
+        naming what is wrong, with nothing changed, for a state of other ramps."""
+        if set(thresholds) != set(self.sites):
+            raise ValueError(
+                f"ramps: the state names ramps {sorted(thresholds)}, this deployment has "
+                f"{self.sites}"
+            )
+        if not set(active) <= set(self.sites):
+            raise ValueError(f"active: {sorted(set(active) - set(self.sites))} are not ramps here")
+        for site, value in thresholds.items():
+            if not (isinstance(value, float | int) and 0.0 <= value <= 1.0):
+                raise ValueError(f"ramp {site}: threshold {value!r} is not within [0, 1]")
+        self.leader = leader
+        self.values = {s: float(thresholds[s]) for s in self.sites}
+        self.levels = [tuner.level_of(self.values[s]) for s in self.sites]
+        if set(active) != self.active:
+            self.active = set(active)
+            self.on_active(sorted(self.active))
+        self._export()
+
+    def lead(self) -> None:
+        """Tune from here on (from the state last followed, on this worker's own window)."""
+        self.leader = None
 
     # -- control ---------------------------------------------------------------------
 
@@ -466,6 +500,7 @@ class ExitController:
         total = max(1, self.requests)
         return {
             "policy": self.policy,
+            "leader": self.leader,
             "accuracyBudget": self.budget,
             "rampBudget": self.ramp_budget,
             "labelled": self.labelled,
