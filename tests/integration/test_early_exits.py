@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from pathlib import Path
 
 import aiohttp
@@ -32,7 +33,7 @@ import yaml
 
 from worldmesh_operator.reconciler import WorkerState
 from worldmesh_operator.run import LocalDeployment
-from worldmesh_worker.control import wait_until
+from worldmesh_worker.control import ControlError, wait_until
 from worldmesh_worker.exits.ramps import save_ramps
 from worldmesh_worker.exits.train import train
 from worldmesh_worker.loadgen import toy_request
@@ -134,6 +135,22 @@ async def test_online_early_exits_across_stages_label_every_ramp(ramps):
             return sorted(state["active"]) == active
 
         await wait_until(stage1_runs_the_active_set, 30, "stage 1 runs the front's ramps")
+        # a ramp state to follow that is not one names what is wrong, and changes nothing
+        for body, words in [
+            ({"leader": "x", "ramps": [{"ramp": 0, "threshold": 0.1}]}, "ramps[0]: must be"),
+            ({"leader": "x", "ramps": [{"ramp": 9, "threshold": 0.1, "active": True}]}, "[9]"),
+            ({"leader": 3}, "leader: must be"),
+            ({"leader": "x", "ramps": "all"}, "ramps: required"),
+            ({"lead": None}, "lead: unknown field"),
+        ]:
+            with pytest.raises(ControlError, match=re.escape(words)) as caught:
+                await pipeline.front.control.call("PUT", "/v1/ramps", body)
+            assert caught.value.status == 400
+        with pytest.raises(ControlError) as caught:
+            await pipeline.stage(1)[0].control.call("PUT", "/v1/ramps", {"leader": None})
+        assert caught.value.status == 404
+        after = await pipeline.front.control.call("GET", "/v1/ramps")
+        assert after["leader"] is None  # it follows no one: every bad state was refused
         assert (await pipeline.front.control.drain(wait=10))["drained"]
 
 
