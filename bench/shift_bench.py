@@ -22,6 +22,7 @@ live benchmark measures per stage, it only weighs the tuner's choice among ramps
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from typing import Any
@@ -32,6 +33,7 @@ from common import Figure
 from exits_bench import TEXT, VISION, Workload, _inputs, _ramps, _recovery, _stage
 from prometheus_client import CollectorRegistry
 
+from worldmesh_worker.data import news_and_debates
 from worldmesh_worker.exits.controller import ExitController
 from worldmesh_worker.exits.train import errors_and_labels, features
 from worldmesh_worker.metrics import WorkerMetrics
@@ -210,6 +212,122 @@ def _workload(w: Workload, quick: bool) -> list[Figure]:
     ]
 
 
+CROSS_SEEDS = 8
+CROSS_SKIP = 1000  # rows to learn on before the goals count
+CROSS_WINDOW = 1000
+BUDGET = 0.01
+
+
+def _cross_answers() -> dict[str, Any]:
+    """MiniLM-L6's ramps (trained on Rotten Tomatoes) and the full model on the Guardian's
+    headlines and the 2016 debates' paragraphs (``data.news_and_debates``)."""
+    model = load_model(TEXT.model)
+    ramps = _ramps(model)
+    sites = sorted(ramps.ramps)
+    texts = [t.encode() for t in news_and_debates()]
+    feats, logits = features(model, texts, sites, desc="news and debates")
+    errs = np.zeros((len(texts), len(sites)))
+    labels = np.zeros((len(texts), len(sites)), dtype=np.int64)
+    with torch.inference_mode():
+        for j, site in enumerate(sites):
+            errs[:, j], labels[:, j] = errors_and_labels(
+                ramps.ramps[site].linear(feats[site].float())
+            )
+    return {"sites": sites, "cross": (errs, labels, logits.argmax(1).numpy())}
+
+
+def _reversals(history: list[float]) -> int:
+    """How often a threshold turned back: a rise after a fall, or a fall after a rise."""
+    steps = [np.sign(b - a) for a, b in itertools.pairwise(history) if b != a]
+    return sum(a != b for a, b in itertools.pairwise(steps))
+
+
+def _cross_domain(quick: bool) -> list[Figure]:
+    """Ramps trained on movie-review snippets, served on news headlines and debate
+    paragraphs: the online controller's loss, windows, speed and steadiness there."""
+    answers = _cross_answers()
+    n = len(answers["cross"][2])
+    seeds = 2 if quick else CROSS_SEEDS
+    per_seed: list[dict[str, Any]] = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(100 + seed)
+        controller, clock = _controller(answers["sites"], rate_test=True)
+        order = rng.permutation(n)
+        active_changes, last_active = 0, set(controller.active)
+        history: dict[int, list[float]] = {s: [controller.threshold(s)] for s in controller.sites}
+        rows: list[tuple[int | None, bool]] = []
+        for k, i in enumerate(order):
+            rows += _replay(TEXT, answers, controller, clock, "cross", [i])
+            if k == CROSS_SKIP:  # from here on, the changes count
+                active_changes = 0
+                history = {s: [controller.threshold(s)] for s in controller.sites}
+            if controller.active != last_active:
+                active_changes, last_active = active_changes + 1, set(controller.active)
+            for site in controller.sites:
+                if controller.threshold(site) != history[site][-1]:
+                    history[site].append(controller.threshold(site))
+        later = rows[CROSS_SKIP:]
+        windows = [
+            float(np.mean([bad for _, bad in later[k : k + CROSS_WINDOW]]))
+            for k in range(0, len(later) - CROSS_WINDOW + 1, CROSS_WINDOW)
+        ]
+        latency = [FINAL_AT if stage is None else ANSWER_AT["text"][stage] for stage, _ in later]
+        per_1000 = 1000 / (n - CROSS_SKIP)
+        per_seed.append(
+            {
+                "loss": float(np.mean([bad for _, bad in later])),
+                "windows": windows,
+                "early": float(np.mean([stage is not None for stage, _ in later])),
+                "median_ratio": float(np.median(latency)) / FINAL_AT,
+                "active_changes_per_1000": active_changes * per_1000,
+                "reversals_per_1000": sum(_reversals(h) for h in history.values()) * per_1000,
+                "threshold_changes_per_1000": sum(len(h) - 1 for h in history.values()) * per_1000,
+            }
+        )
+
+    def med(key: str) -> float:
+        return float(statistics.median(r[key] for r in per_seed))
+
+    windows = [w for r in per_seed for w in r["windows"]]
+    detail = {"rows": n, "seeds": seeds, "skip": CROSS_SKIP, "per_seed": per_seed}
+    where = f"news and debates ({n:,} rows, {seeds} seeded orders, after the first {CROSS_SKIP:,})"
+    return [
+        Figure(
+            f"text cross-domain replay: disagreement, {where}",
+            med("loss"),
+            "fraction",
+            f"<= {BUDGET}",
+            f"per seed {[round(r['loss'], 4) for r in per_seed]}; {med('early'):.3f} of rows "
+            "answered early (median)",
+            samples=[r["loss"] for r in per_seed],
+            detail=detail,
+        ),
+        Figure(
+            f"text cross-domain replay: worst {CROSS_WINDOW:,}-row window ÷ budget",
+            max(windows) / BUDGET,
+            "x",
+            "<= 1.5",
+            f"every window: {[round(w, 4) for w in windows]}",
+            samples=windows,
+        ),
+        Figure(
+            "text cross-domain replay: median latency ÷ the full model's (modelled per stage)",
+            med("median_ratio"),
+            "x",
+            "<= 0.99",
+            f"a ramp answers at {ANSWER_AT['text']} s, the full model at {FINAL_AT} s",
+        ),
+        Figure(
+            "text cross-domain replay: active-set changes per 1,000 rows after the first 1,000",
+            med("active_changes_per_1000"),
+            "per 1,000",
+            "",
+            f"threshold reversals {med('reversals_per_1000'):.2f} and threshold changes "
+            f"{med('threshold_changes_per_1000'):.2f} per 1,000 rows (medians)",
+        ),
+    ]
+
+
 async def run(quick: bool = False) -> list[Figure]:
     torch.set_num_threads(1)
-    return _workload(VISION, quick) + _workload(TEXT, quick)
+    return _workload(VISION, quick) + _workload(TEXT, quick) + _cross_domain(quick)

