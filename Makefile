@@ -57,7 +57,7 @@ $(VENV)/.mpnet: $(VENV)/.installed $(VENV)/.apt
 	touch $@
 
 # Their early-exit ramps, distilled on 30,000 rows of each training split (or all it has);
-# a ramps file that loads for its model is kept (about five minutes for EfficientNet-Lite0).
+# a ramps file that loads for its model is kept (about six minutes for EfficientNet-Lite0).
 ramps: models mpnet
 	@for m in $(MODELS) mpnet-base; do $(VENV)/bin/worldmesh ramps train $$m --keep-valid || exit 1; done
 

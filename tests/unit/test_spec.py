@@ -554,9 +554,9 @@ def test_a_missing_or_broken_crd_is_a_crd_error(tmp_path: Path) -> None:
 
 
 def test_validate_main_ok(capsys: pytest.CaptureFixture[str]) -> None:
-    files = [str(EXAMPLES / "efficientnet-fashion.yaml"), str(EXAMPLES / "minilm-reviews.yaml")]
-    assert cli.main(["validate", *files]) == 0
-    assert capsys.readouterr().out == "ok: fashion\nok: reviews\n"
+    names = ("efficientnet-fashion.yaml", "minilm-reviews.yaml", "mpnet-reviews.yaml")
+    assert cli.main(["validate", *(str(EXAMPLES / name) for name in names)]) == 0
+    assert capsys.readouterr().out == "ok: fashion\nok: reviews\nok: reviews-mpnet\n"
 
 
 def test_validate_main_reports_every_error(
