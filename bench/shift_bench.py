@@ -61,7 +61,9 @@ def _answers(w: Workload, quick: bool) -> dict[str, Any]:
         labels = np.zeros((len(rows), len(sites)), dtype=np.int64)
         with torch.inference_mode():
             for j, site in enumerate(sites):
-                errs[:, j], labels[:, j] = errors_and_labels(ramps.ramps[site].linear(feats[site]))
+                errs[:, j], labels[:, j] = errors_and_labels(
+                    ramps.ramps[site].linear(feats[site].float())
+                )
         out[part] = (errs, labels, logits.argmax(1).numpy())
     return out
 
