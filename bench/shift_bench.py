@@ -56,16 +56,22 @@ def _answers(w: Workload, quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"sites": sites}
     for part, rows in (("clean", clean), ("shift", shifted)):
         ((name,),) = {tuple(rows[0])}
-        feats, logits = features(model, [r[name][0] for r in rows], sites, desc=part)
-        errs = np.zeros((len(rows), len(sites)))
-        labels = np.zeros((len(rows), len(sites)), dtype=np.int64)
-        with torch.inference_mode():
-            for j, site in enumerate(sites):
-                errs[:, j], labels[:, j] = errors_and_labels(
-                    ramps.ramps[site].linear(feats[site].float())
-                )
-        out[part] = (errs, labels, logits.argmax(1).numpy())
+        out[part] = _recorded(model, ramps, [r[name][0] for r in rows], part)
     return out
+
+
+def _recorded(model: Any, ramps: Any, rows: list[Any], desc: str) -> tuple[np.ndarray, ...]:
+    """Every ramp's (error, label) on ``rows``, and the full model's label, per row."""
+    sites = sorted(ramps.ramps)
+    feats, logits = features(model, rows, sites, desc=desc)
+    errs = np.zeros((len(rows), len(sites)))
+    labels = np.zeros((len(rows), len(sites)), dtype=np.int64)
+    with torch.inference_mode():
+        for j, site in enumerate(sites):
+            errs[:, j], labels[:, j] = errors_and_labels(
+                ramps.ramps[site].linear(feats[site].float())
+            )
+    return errs, labels, logits.argmax(1).numpy()
 
 
 class _Clock:
@@ -225,17 +231,11 @@ def _cross_answers() -> dict[str, Any]:
     headlines and the 2016 debates' paragraphs (``data.news_and_debates``)."""
     model = load_model(TEXT.model)
     ramps = _ramps(model)
-    sites = sorted(ramps.ramps)
     texts = [t.encode() for t in news_and_debates()]
-    feats, logits = features(model, texts, sites, desc="news and debates")
-    errs = np.zeros((len(texts), len(sites)))
-    labels = np.zeros((len(texts), len(sites)), dtype=np.int64)
-    with torch.inference_mode():
-        for j, site in enumerate(sites):
-            errs[:, j], labels[:, j] = errors_and_labels(
-                ramps.ramps[site].linear(feats[site].float())
-            )
-    return {"sites": sites, "cross": (errs, labels, logits.argmax(1).numpy())}
+    return {
+        "sites": sorted(ramps.ramps),
+        "cross": _recorded(model, ramps, texts, "news and debates"),
+    }
 
 
 def _reversals(history: list[float]) -> int:
