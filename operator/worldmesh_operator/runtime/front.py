@@ -25,10 +25,12 @@ the control loop (whose status calls judge workers alive), nor the other way rou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import threading
 from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -162,6 +164,26 @@ class FrontService:
         self.grpc_port = bound
         return server
 
+    def _candidates(self) -> Iterator[tuple[Backend, set[Backend]]]:
+        """The front workers to try for one request or call, up to ``TRIES``, each picked
+        (``_pick``) among those not tried yet, with the set tried so far."""
+        tried: set[Backend] = set()
+        for _ in range(TRIES):
+            backend = self._pick(tried)
+            if backend is None:
+                return
+            tried.add(backend)
+            yield backend, tried
+
+    @contextlib.asynccontextmanager
+    async def _busy(self, backend: Backend) -> AsyncIterator[None]:
+        """Count a request in flight on ``backend`` while it is there."""
+        self._in_flight[backend] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[backend] -= 1
+
     def _pick(self, tried: set[Backend]) -> Backend | None:
         choices = [b for b in self._backends if b not in tried]
         if not choices:
@@ -173,21 +195,18 @@ class FrontService:
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        tried: set[Backend] = set()
         last_error = "no front worker is ready"
-        for _ in range(TRIES):
-            backend = self._pick(tried)
-            if backend is None:
-                break
-            tried.add(backend)
-            self._in_flight[backend] += 1
+        for backend, tried in self._candidates():
             try:
-                async with self._session.request(
-                    request.method,
-                    backend.http + request.rel_url.raw_path_qs,
-                    data=body,
-                    headers=headers,
-                ) as answer:
+                async with (
+                    self._busy(backend),
+                    self._session.request(
+                        request.method,
+                        backend.http + request.rel_url.raw_path_qs,
+                        data=body,
+                        headers=headers,
+                    ) as answer,
+                ):
                     payload = await answer.read()
                     kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_HEADERS}
                     response = web.Response(status=answer.status, body=payload, headers=kept)
@@ -201,8 +220,6 @@ class FrontService:
                 # Not reached, or gone before it answered: another front worker answers.
                 last_error = f"front worker {backend.http} failed: {exc or type(exc).__name__}"
                 self.retried += 1
-            finally:
-                self._in_flight[backend] -= 1
         return web.json_response({"error": last_error}, status=503)
 
     async def _forward_call(
@@ -215,25 +232,18 @@ class FrontService:
             for key, value in context.invocation_metadata() or ()
             if not key.startswith(":") and key not in CALL_METADATA
         )
-        tried: set[Backend] = set()
         last = (grpc.StatusCode.UNAVAILABLE, "no front worker is ready")
-        for _ in range(TRIES):
-            backend = self._pick(tried)
-            if backend is None:
-                break
-            tried.add(backend)
-            self._in_flight[backend] += 1
+        for backend, _ in self._candidates():
+            call = self._channel(backend.grpc).unary_unary(method)
             try:
-                call = self._channel(backend.grpc).unary_unary(method)
-                return await call(request, timeout=timeout, metadata=metadata)
+                async with self._busy(backend):
+                    return await call(request, timeout=timeout, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 last = (exc.code(), exc.details() or "")
                 if exc.code() is not grpc.StatusCode.UNAVAILABLE:
                     break  # the worker's answer (a bad request, a passed deadline, ...)
                 # Not reached, gone, or unavailable there: another front worker answers.
                 self.retried += 1
-            finally:
-                self._in_flight[backend] -= 1
         await context.abort(*last)
         raise AssertionError("unreachable: abort raises")
 
