@@ -51,6 +51,7 @@ from common import Figure, median, percentile
 
 from worldmesh_worker.data import fashion_mnist, rotten_tomatoes
 from worldmesh_worker.exits.ramps import RampFileError, load_ramps, ramps_path
+from worldmesh_worker.exits.train import errors_and_labels, features
 from worldmesh_worker.local import LocalPipeline
 from worldmesh_worker.models import load_model
 
@@ -135,6 +136,32 @@ def _reference(model: Any, rows: list[dict[str, np.ndarray]]) -> np.ndarray:
             batch = {name: np.concatenate([r[name] for r in chunk])}
             labels.append(full(*model.preprocess(batch))[0].argmax(1).numpy())
     return np.concatenate(labels)
+
+
+def _recorded(model: Any, ramps: Any, rows: list[Any], desc: str) -> tuple[np.ndarray, ...]:
+    """Every ramp's (error, label) on ``rows``, and the full model's label, per row."""
+    sites = sorted(ramps.ramps)
+    feats, logits = features(model, rows, sites, desc=desc)
+    errs = np.zeros((len(rows), len(sites)))
+    labels = np.zeros((len(rows), len(sites)), dtype=np.int64)
+    with torch.inference_mode():
+        for j, site in enumerate(sites):
+            errs[:, j], labels[:, j] = errors_and_labels(
+                ramps.ramps[site].linear(feats[site].float())
+            )
+    return errs, labels, logits.argmax(1).numpy()
+
+
+def _ceiling(errs: np.ndarray, labels: np.ndarray, final: np.ndarray) -> np.ndarray:
+    """Per ramp, the largest share of the rows it alone could release within ``BUDGET``
+    with its threshold set knowing every answer: no online policy does better with it."""
+    n = len(final)
+    shares = np.zeros(errs.shape[1])
+    for j in range(errs.shape[1]):
+        wrong = np.cumsum(labels[np.argsort(errs[:, j]), j] != final[np.argsort(errs[:, j])])
+        within = np.flatnonzero(wrong <= BUDGET * n)
+        shares[j] = (within[-1] + 1) / n if len(within) else 0.0
+    return shares
 
 
 def _stage(w: Workload, site: int) -> int:
@@ -278,19 +305,23 @@ class _Rows:
     shifted: list[dict]
     split_reference: np.ndarray
     shifted_reference: np.ndarray
+    ceiling: dict[int, float]  # per ramp site: ``_ceiling`` on the split
 
 
-def _rows(w: Workload, model: Any, quick: bool) -> _Rows:
+def _rows(w: Workload, model: Any, ramps: Any, quick: bool) -> _Rows:
     split_rows, shift_rows = (w.latency_rows, w.shift_rows // 2) if quick else (None, w.shift_rows)
     split, shifted = _inputs(w, split_rows, shift_rows)
     sample = w.latency_rows // 4 if quick else w.latency_rows
     bodies = [_body(r) for r in split]
+    ((name,),) = {tuple(split[0])}
+    shares = _ceiling(*_recorded(model, ramps, [r[name][0] for r in split], "ceiling"))
     return _Rows(
         bodies,
         bodies[:sample],
         [_body(r) for r in shifted],
         _reference(model, split),
         _reference(model, shifted),
+        dict(zip(sorted(ramps.ramps), shares.tolist(), strict=True)),
     )
 
 
@@ -402,6 +433,23 @@ async def _workload(w: Workload, ramps: Any, rows: _Rows) -> list[Figure]:
         for a, ref in zip(shift, rows.shifted_reference, strict=True)
     ]
     recovered, broke = _recovery(wrong)
+    best = [
+        max(share for site, share in rows.ceiling.items() if _stage(w, site) == stage)
+        for stage in range(len(w.split) + 1)
+    ]
+    figures.append(
+        Figure(
+            f"{w.name}: the most rows one first-stage ramp could release within budget, "
+            "its threshold set knowing every answer",
+            best[0],
+            "fraction",
+            "",
+            "best ramp by stage "
+            + ", ".join(f"{b:.2f}" for b in best)
+            + f"; per ramp {', '.join(f'{s}: {v:.2f}' for s, v in rows.ceiling.items())}"
+            + f"; {len(split)} test rows",
+        )
+    )
     figures.append(
         Figure(
             f"{w.name}: after an input-mix shift, requests from which every later "
@@ -449,7 +497,8 @@ async def run(quick: bool = False) -> list[Figure]:
     figures = []
     for workload in (VISION, TEXT, TEXT12):
         model = load_model(workload.model)
-        ramps, rows = _ramps(model), _rows(workload, model, quick)
+        ramps = _ramps(model)
+        rows = _rows(workload, model, ramps, quick)
         repeats = [await _workload(workload, ramps, rows) for _ in range(1 if quick else REPEATS)]
         figures += _over_repeats(repeats)
     return figures

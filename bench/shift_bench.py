@@ -30,12 +30,20 @@ from typing import Any
 import numpy as np
 import torch
 from common import Figure
-from exits_bench import TEXT, VISION, Workload, _inputs, _ramps, _recovery, _stage
+from exits_bench import (
+    TEXT,
+    VISION,
+    Workload,
+    _inputs,
+    _ramps,
+    _recorded,
+    _recovery,
+    _stage,
+)
 from prometheus_client import CollectorRegistry
 
 from worldmesh_worker.data import news_and_debates
 from worldmesh_worker.exits.controller import ExitController
-from worldmesh_worker.exits.train import errors_and_labels, features
 from worldmesh_worker.metrics import WorkerMetrics
 from worldmesh_worker.models import load_model
 
@@ -58,20 +66,6 @@ def _answers(w: Workload, quick: bool) -> dict[str, Any]:
         ((name,),) = {tuple(rows[0])}
         out[part] = _recorded(model, ramps, [r[name][0] for r in rows], part)
     return out
-
-
-def _recorded(model: Any, ramps: Any, rows: list[Any], desc: str) -> tuple[np.ndarray, ...]:
-    """Every ramp's (error, label) on ``rows``, and the full model's label, per row."""
-    sites = sorted(ramps.ramps)
-    feats, logits = features(model, rows, sites, desc=desc)
-    errs = np.zeros((len(rows), len(sites)))
-    labels = np.zeros((len(rows), len(sites)), dtype=np.int64)
-    with torch.inference_mode():
-        for j, site in enumerate(sites):
-            errs[:, j], labels[:, j] = errors_and_labels(
-                ramps.ramps[site].linear(feats[site].float())
-            )
-    return errs, labels, logits.argmax(1).numpy()
 
 
 class _Clock:
