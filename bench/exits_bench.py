@@ -31,6 +31,11 @@ In this order:
    many requests after the shift until every later window of 100 answers has its
    disagreement within budget (0, said as such, when no window broke the budget).
 
+Beside them, once per workload and in this process, the **ceiling**: per ramp, the most
+rows it alone could release within the budget with its threshold set knowing every
+answer of the split. The median moves only when more than half the rows are answered
+early, so a first stage whose best ramp is far below half cannot give a large cut.
+
 The ramps are trained first if missing (``worldmesh ramps train``, cached). ``--quick``
 uses a sample of the split instead of all of it. The machine has 2 cores shared by every
 worker and the client: read the load average beside each figure.
