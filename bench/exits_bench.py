@@ -163,7 +163,8 @@ def _ceiling(errs: np.ndarray, labels: np.ndarray, final: np.ndarray) -> np.ndar
     n = len(final)
     shares = np.zeros(errs.shape[1])
     for j in range(errs.shape[1]):
-        wrong = np.cumsum(labels[np.argsort(errs[:, j]), j] != final[np.argsort(errs[:, j])])
+        order = np.argsort(errs[:, j])  # most confident first
+        wrong = np.cumsum(labels[order, j] != final[order])
         within = np.flatnonzero(wrong <= BUDGET * n)
         shares[j] = (within[-1] + 1) / n if len(within) else 0.0
     return shares
