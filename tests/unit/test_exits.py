@@ -550,6 +550,31 @@ def test_the_tuner_raises_thresholds_as_far_as_the_ramps_agree() -> None:
     assert tuner.evaluate(errs, agree, tuner.LEVELS[lowered], np.array([2.0, 1.0]))[0] <= 0.05
 
 
+def test_a_ramp_switched_on_lately_is_held_to_the_budget_on_the_rows_it_answered() -> None:
+    """A ramp with answers for the newest 220 rows of a 1,024-row window only: counted once
+    per row, its 5 disagreements would pass for 0.5% of the window; on its own rows they
+    are 2.3%, and a 1% budget must keep them out."""
+    rng = np.random.default_rng(1)
+    rows, newest = 1024, 220
+    errs = np.full((rows, 2), np.nan)
+    errs[:, 0] = 0.9  # ramp 0 answers every row, wrongly: it never releases one
+    errs[-newest:, 1] = rng.uniform(0.0, 0.4, newest)
+    agree = np.ones((rows, 2), dtype=bool)
+    agree[:, 0] = False
+    sure = np.argsort(errs[-newest:, 1])  # ramp 1's most confident rows first
+    agree[rows - newest + sure[[40, 60, 80, 100, 120]], 1] = False
+    saved = np.array([1.0, 1.0])
+    levels = tuner.tune(errs, agree, [0, 0], saved, budget=0.01)
+    threshold = tuner.LEVELS[levels[1]]
+    released = errs[-newest:, 1] < threshold
+    wrong = released & ~agree[-newest:, 1]
+    assert released.sum() >= 40  # it still climbs as far as its own rows allow: 1 of 80
+    assert wrong.sum() / newest <= 0.01
+    # counted once per row of the window (the old rule), it took all 5
+    whole = tuner.evaluate(errs, agree, np.array([0.0, 0.41]), saved)[0]
+    assert whole < 0.01 and (~agree[-newest:, 1]).sum() / newest > 0.02
+
+
 def test_the_manager_switches_ramps_by_utility_under_the_budget() -> None:
     stats = {
         1: manager.RampStats(True, 100, 0.5, 0.02, 0.001),  # useful
