@@ -47,8 +47,10 @@ messages) and every final answer, so all online state lives here:
   holds rows enough of its answers for two disagreements within the budget
   (``CLIMB_DISAGREEMENTS``: 200 rows at 1%; at the start, after a cut, and for a ramp
   switched on again, whose answers from before still count while in the window; with
-  one, a threshold climbed on a lucky stretch of the new mix broke the budget again),
-  and the manager judges a ramp once it has answered twice that.
+  one, a threshold climbed on a lucky stretch of the new mix broke the budget again;
+  a ramp that answered part of the window only is held to the budget at its rate over
+  the rows it answered: see ``tuner``), and the manager judges a ramp once it has
+  answered twice that.
   ``bench/shift_bench.py`` replays the real ramps' answers over 16 seeded shifts from
   3,000 clean EfficientNet-Lite0 test images to 400 noisy ones (the benchmark's shift):
   the loss over every later 100-request window held from a median of 40 requests after
