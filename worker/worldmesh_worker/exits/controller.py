@@ -19,7 +19,7 @@ messages) and every final answer, so all online state lives here:
   at a 1% budget, 0.5% with the prior; the tuned loss still underestimates what the next
   rows bring: replaying 12 x 9,000 clean EfficientNet-Lite0 rows, the loss after the
   first 3,000 was 1.01% with a safety of 0.8 (60.5% of rows left the first stage); with
-  0.75, ``bench/shift_bench.py`` measures 0.82% over 16 x 9,000 (59.4%)), then
+  0.75, ``bench/shift_bench.py`` measures 0.62% over 16 x 9,000 (57.8%)), then
   ``manager.decide`` on each ramp's utility, whose saving term is the ramp's marginal
   saving (the tune again without it, for up to ``MARGINALS`` ramps per decision; see
   ``manager``). The window is long (1,024 rows): at a 1% budget, 256 rows hold 2.6
