@@ -616,6 +616,35 @@ def test_a_late_ramp_that_saves_little_is_switched_off_and_not_tried_again() -> 
     assert manager.decide(stats, 1.0, decision=3) == {1, 6}
 
 
+def test_a_ramp_is_priced_by_where_it_sits_not_by_the_load_it_was_measured_under() -> None:
+    # ramp 1 (later) measured under heavy load, then ramp 0 (earlier) under light load:
+    # in seconds the later ramp would look 5x as good; as a share of each row's latency,
+    # the earlier one saves more, and both are priced at the same latency
+    clock = Clock()
+    controller = ExitController(
+        [0, 1], dict.fromkeys([0, 1], 0.0), WorkerMetrics(CollectorRegistry(), "d", 0, "w"),
+        policy="fixed", clock=clock,
+    )  # fmt: skip
+
+    def row(n: int, site: int, answer_at: float, final_at: float) -> None:
+        clock.now = 100.0 * n
+        controller.start_request([n], early=True)
+        clock.now += answer_at
+        controller.on_ramp(n, site, 0.9, 1)
+        clock.now = 100.0 * n + final_at
+        controller.on_final(n, 1)
+
+    for n in range(40):
+        row(n, site=1, answer_at=5.0, final_at=10.0)  # heavy load: saves 5 s of 10
+    for n in range(40, 80):
+        row(n, site=0, answer_at=0.1, final_at=1.0)  # light load: saves 0.9 s of 1
+    assert controller.share[0] == pytest.approx(0.9) and controller.share[1] == pytest.approx(0.5)
+    assert controller.saved_s(0) > controller.saved_s(1)
+    assert controller.saved_s(0) / controller.saved_s(1) == pytest.approx(0.9 / 0.5)
+    shown = {r["ramp"]: r["savedSeconds"] for r in controller.status()["ramps"]}
+    assert shown == {0: controller.saved_s(0), 1: controller.saved_s(1)}
+
+
 def test_the_controller_exports_ramp_metrics() -> None:
     registry = CollectorRegistry()
     clock = Clock()
