@@ -4,7 +4,8 @@ Apparate's rule: a ramp's utility is ``exit rate x latency saved - pass-through 
 ramp cost``, where the exit rate is what the tuned thresholds give on the recent
 window, the latency saved is measured (final answer time minus the ramp's answer time,
 as a share of the row's latency, priced at the full model's mean latency now: see
-``ExitController.saved_s``) and the cost is the measured compute time the ramp adds to each batch that runs it.
+``ExitController.saved_s``) and the cost is the measured compute time the ramp adds to
+each batch that runs it.
 
 ``exit rate x latency saved`` overstates what a ramp brings when ramps share one accuracy
 budget: the rows an early ramp releases, a later one would often release too, and every
